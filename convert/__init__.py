@@ -1,0 +1,1 @@
+"""PEFT LoRA -> GGUF conversion, merge and quantize (installed as `localgemma.convert`)."""

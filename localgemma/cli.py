@@ -1,0 +1,230 @@
+"""The `localgemma` command: a thin door onto the runtime. Only this module knows terminals."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import click
+
+from . import __version__
+from .contract import PromptInputs
+from .errors import LocalGemmaError
+
+# Sampling options are generated from the contract, so bounds and help live in one place.
+_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed",
+             "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def sampling_options(fn):
+    schema = PromptInputs.model_json_schema()["properties"]
+    for name in reversed(_SAMPLING):
+        field, prop = PromptInputs.model_fields[name], schema[name]
+        kind = int if "integer" in json.dumps(prop) else float
+        bounds = [f"{word} {prop[key]}" for key, word in (("minimum", "min"), ("maximum", "max")) if key in prop]
+        for alt in prop.get("anyOf", []):
+            bounds += [f"{word} {alt[key]}" for key, word in (("minimum", "min"), ("maximum", "max")) if key in alt]
+        default = f"default {field.default}" if field.default is not None else "default unset"
+        help_text = "; ".join(x for x in (field.description, ", ".join(bounds), default) if x)
+        fn = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, help=help_text)(fn)
+    return fn
+
+
+class _Group(click.Group):
+    """Every LocalGemmaError becomes one readable line and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LocalGemmaError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="localgemma")
+def main() -> None:
+    """Workers AI's LoRA Gemma models, offline on this machine."""
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--model", "-m", default=None, help="Model id or .gguf path (default: the embedded Gemma 3 270M).")
+@click.option("--input", "input_file", type=click.File("r"), default=None,
+              help="A full contract inputs object as JSON (a file, or - for stdin).")
+@click.option("--lora", default=None, help="Finetune name or id.")
+@click.option("--raw", is_flag=True, default=None, help="Send the prompt as written, no chat template.")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result object (one JSON line per chunk with --stream).")
+@sampling_options
+def run(prompt, model, input_file, lora, raw, stream, as_json, **sampling):
+    """Run one request, like env.AI.run(MODEL, INPUTS)."""
+    from .runtime import run as run_request
+
+    inputs = _read_inputs(input_file)
+    if prompt is not None:
+        inputs["prompt"] = prompt
+    overrides = {"lora": lora, "raw": raw, **sampling}
+    inputs.update({k: v for k, v in overrides.items() if v is not None})
+    if stream:
+        inputs["stream"] = True
+    if "prompt" not in inputs and "messages" not in inputs:
+        raise click.UsageError("give a PROMPT, or --input with a prompt or messages")
+    result = run_request(model, inputs)
+    if not inputs.get("stream"):
+        click.echo(json.dumps(result, ensure_ascii=False) if as_json else result["response"])
+        return
+    for chunk in result:
+        if as_json:
+            click.echo(json.dumps(chunk, ensure_ascii=False))
+        else:
+            click.echo(chunk["response"], nl=False)
+            sys.stdout.flush()
+    if not as_json:
+        click.echo()
+
+
+def _read_inputs(fh) -> dict[str, Any]:
+    if fh is None:
+        return {}
+    try:
+        data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="--input") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"must be a JSON object, got {type(data).__name__}", param_hint="--input")
+    return data
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="Model id or .gguf path (default: the embedded Gemma 3 270M).")
+@click.option("--system", default=None, help="A system message to start the conversation with.")
+@click.option("--lora", default=None, help="Finetune name or id.")
+@sampling_options
+def chat(model, system, lora, **sampling):
+    """Talk to the model: streaming, keeps history. /reset forgets it, /exit leaves."""
+    from .runtime import get_engine, run as run_request
+
+    get_engine(model)  # load (and fail) before the first prompt, not after it
+    options = {k: v for k, v in {"lora": lora, **sampling}.items() if v is not None}
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    click.echo("Type a message; /reset forgets the conversation, /exit leaves.")
+    while True:
+        try:
+            line = click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            click.echo()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = list(start)
+            click.echo("(conversation reset)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for chunk in run_request(model, {"messages": history, "stream": True, **options}):
+            reply.append(chunk["response"])
+            click.echo(chunk["response"], nl=False)
+            sys.stdout.flush()
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@main.group()
+def models() -> None:
+    """The model catalog and local model files."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_list(as_json):
+    """Known model ids, bindings, and whether their file is here."""
+    from .models import CATALOG, EMBEDDED_ID, bindings, local_path
+
+    rows = []
+    bound = bindings()
+    for model_id in list(CATALOG) + [b for b in bound if b not in CATALOG]:
+        path = local_path(model_id)
+        spec = CATALOG.get(model_id)
+        rows.append({
+            "id": model_id,
+            "default": model_id == EMBEDDED_ID,
+            "description": spec.description if spec else "bound to a local file",
+            "path": str(path) if path else None,
+            "bound": model_id in bound,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        where = row["path"] or "(not downloaded: localgemma models pull ID)"
+        mark = "*" if row["default"] else " "
+        click.echo(f"{mark} {row['id']}\n    {row['description']}\n    {where}")
+
+
+@models.command("pull")
+@click.argument("model_id")
+def models_pull(model_id):
+    """Download a catalog model (or assemble the embedded one)."""
+    from .models import pull
+
+    click.echo(pull(model_id))
+
+
+@models.command("path")
+@click.argument("model_id", required=False)
+def models_path(model_id):
+    """Print the local GGUF path of a model (assembling the embedded one on first use)."""
+    from .models import resolve
+
+    click.echo(resolve(model_id))
+
+
+@models.command("bind")
+@click.argument("model_id")
+@click.argument("path", type=click.Path(dir_okay=False))
+def models_bind(model_id, path):
+    """Make MODEL_ID run on a local GGUF file (e.g. @cf/google/gemma-2b-it-lora)."""
+    from .models import bind
+
+    click.echo(f"{model_id} -> {bind(model_id, path)}")
+
+
+@models.command("unbind")
+@click.argument("model_id")
+def models_unbind(model_id):
+    """Forget a binding made with `models bind`."""
+    from .models import unbind
+
+    unbind(model_id)
+    click.echo(f"{model_id} unbound")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(as_json):
+    """llama.cpp build, SIMD features, backend and threads on this machine."""
+    import llama_cpp
+
+    from . import system
+    from .models import home
+
+    facts = {
+        "localgemma": __version__,
+        "llama_cpp_python": llama_cpp.__version__,
+        "backend": system.backend(),
+        "simd": system.simd_features(),
+        "threads": system.physical_cores(),
+        "available_memory_mib": (system.available_memory() or 0) // 2**20,
+        "home": str(home()),
+        "llama_cpp_system_info": system.system_info(),
+    }
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    for key, value in facts.items():
+        click.echo(f"{key:22} {', '.join(value) if isinstance(value, list) else value}")

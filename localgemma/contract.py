@@ -1,0 +1,158 @@
+"""The Workers AI gemma-lora request contract: one pydantic model per input shape.
+
+Every field, with its default and range, is declared here once; the Python API, the CLI and
+the HTTP server all validate through `parse_inputs`. Unknown fields are refused by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidInput
+
+MAX_TEXT = 131072
+SEED_MAX = 9999999999
+ROLES = ("system", "user", "assistant", "model", "tool")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class FlatTool(FunctionSpec):
+    """Workers AI's flat tool shape: {name, description, parameters}."""
+
+
+class FunctionTool(_Strict):
+    """OpenAI's nested tool shape: {type: "function", function: {...}}."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class DeprecatedFunction(_Strict):
+    name: str = Field(min_length=1)
+    code: str
+
+
+class Message(_Strict):
+    role: str
+    content: str = Field(max_length=MAX_TEXT)
+    # What OpenAI-style clients put on tool turns; harmless to accept.
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        return role
+
+
+class _Common(_Strict):
+    stream: bool = False
+    max_tokens: int = Field(256, ge=1, description="tokens to generate at most; capped at what the context leaves")
+    temperature: float = Field(0.6, ge=0, le=5, description="0 means greedy")
+    top_p: Optional[float] = Field(None, ge=0, le=2, description=">= 1 means no truncation")
+    top_k: Optional[int] = Field(None, ge=1, le=50)
+    seed: Optional[int] = Field(None, ge=1, le=SEED_MAX)
+    repetition_penalty: Optional[float] = Field(None, ge=0, le=2, description="1 (or 0) means off")
+    frequency_penalty: Optional[float] = Field(None, ge=0, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=0, le=2)
+    response_format: Optional[ResponseFormat] = None
+    raw: bool = False
+    lora: Optional[str] = Field(None, min_length=1)
+    image: Any = None
+
+    @field_validator("image")
+    @classmethod
+    def _no_vision(cls, image: Any) -> Any:
+        if image is not None:
+            raise ValueError("this model has no vision: Gemma 2B/7B take text only; remove the image field")
+        return image
+
+
+class PromptInputs(_Common):
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
+
+
+class MessagesInputs(_Common):
+    messages: list[Message] = Field(min_length=1)
+    tools: Optional[list[Union[FunctionTool, FlatTool]]] = None
+    functions: Optional[list[DeprecatedFunction]] = None
+
+
+Inputs = Union[PromptInputs, MessagesInputs]
+
+FIELDS = sorted(set(PromptInputs.model_fields) | set(MessagesInputs.model_fields))
+
+
+def parse_inputs(data: Any) -> Inputs:
+    """Validate a Workers AI inputs object; raise InvalidInput naming field, value and rule."""
+    if isinstance(data, (PromptInputs, MessagesInputs)):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidInput(f"inputs must be a JSON object with 'prompt' or 'messages', got {type(data).__name__}")
+    if "prompt" in data and "messages" in data:
+        raise InvalidInput("inputs: give either 'prompt' or 'messages', not both")
+    if "messages" in data:
+        shape: type[BaseModel] = MessagesInputs
+    elif "prompt" in data:
+        shape = PromptInputs
+        for field in ("tools", "functions"):
+            if field in data:
+                raise InvalidInput(f"{field}: only accepted with 'messages', not with 'prompt'")
+    else:
+        raise InvalidInput("inputs: 'prompt' (a string) or 'messages' (a list of {role, content}) is required")
+    try:
+        return shape.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(describe(exc, shape)) from None
+
+
+def describe(exc: ValidationError, shape: type[BaseModel] | None = None) -> str:
+    """One readable line per problem: `field: what is wrong (got VALUE)`."""
+    known = list(shape.model_fields) if shape is not None else FIELDS
+    lines = []
+    for err in exc.errors():
+        where = _loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            guess = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else f"; allowed fields: {', '.join(known)}"
+            lines.append(f"{where}: unknown field{hint}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg} (got {_show(err.get('input'))})")
+    return "; ".join(lines)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("FunctionTool", "FlatTool"):
+            continue  # union branch names mean nothing to a user
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "inputs"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,254 @@
+"""The engine: one GGUF loaded once through llama.cpp's C API, generating typed chunks.
+
+Nothing here knows about the contract, templates, HTTP or terminals: it takes token ids and
+`SamplingParams`, and yields `Chunk`s. One context per model; a lock serialises requests.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import llama_cpp
+
+from . import sampling, system
+from .errors import ContextOverflow, InsufficientMemory, LocalGemmaError
+
+log = logging.getLogger("localgemma")
+
+DEFAULT_N_CTX = 8192
+DEFAULT_N_BATCH = 512
+
+_backend_ready = False
+_backend_lock = threading.Lock()
+
+
+@llama_cpp.llama_log_callback
+def _llama_log(level: int, text: bytes, _user) -> None:
+    # llama.cpp narrates every load (and tags some warnings as level NONE, which
+    # llama-cpp-python's own filter lets through); say nothing unless asked to.
+    if _VERBOSE:
+        print(text.decode(errors="replace"), end="", file=sys.stderr, flush=True)
+
+
+_VERBOSE = bool(os.environ.get("LOCALGEMMA_VERBOSE"))
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of generated text; the last chunk of a generation also says why it ended."""
+
+    text: str
+    finish_reason: Optional[str] = None  # "stop" (end of turn / eos) or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def check_memory(path: Path, available: Optional[int] = None) -> None:
+    """Refuse, with numbers, to load a model file bigger than the memory available."""
+    size = path.stat().st_size
+    available = system.available_memory() if available is None else available
+    if available is not None and size > available:
+        raise InsufficientMemory(
+            f"{path.name} needs {size / 2**20:,.0f} MiB but only {available / 2**20:,.0f} MiB of memory is "
+            f"available; free memory or use a smaller quantization"
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_ctx: Optional[int] = None,
+        n_threads: Optional[int] = None,
+        n_batch: int = DEFAULT_N_BATCH,
+    ):
+        self.path = Path(path)
+        check_memory(self.path)
+        _init_backend()
+        self.n_threads = n_threads or system.physical_cores()
+        self._lock = threading.Lock()
+        self._model = self._ctx = None
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # pages shared with the OS cache
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise LocalGemmaError(f"llama.cpp could not load {self.path} (corrupt or unsupported GGUF?)")
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        n_ctx = n_ctx or min(self.n_ctx_train, DEFAULT_N_CTX)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise InsufficientMemory(f"llama.cpp could not create a {n_ctx}-token context for {self.path.name}")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._one = (llama_cpp.llama_token * 1)()
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def meta(self, key: str) -> Optional[str]:
+        buf = ctypes.create_string_buffer(1024)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    @property
+    def architecture(self) -> str:
+        return self.meta("general.architecture") or "unknown"
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        """Text -> ids. `special=False` keeps '<start_of_turn>' typed by a user as plain text."""
+        data = text.encode()
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:  # cannot happen with cap >= bytes + specials, but never trust a buffer size
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, -n, add_bos, special)
+        return list(buf[:n])
+
+    def control_token(self, text: str) -> int:
+        """The id of a control string such as '<start_of_turn>' (it must be one token)."""
+        ids = self.tokenize(text, special=True)
+        if len(ids) != 1:
+            raise LocalGemmaError(f"{self.path.name} has no single token for {text!r} (got {ids}); is it a Gemma model?")
+        return ids[0]
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (control tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+            cached = self._piece_buf.raw[: max(n, 0)]
+            self._pieces[token] = cached
+        return cached
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode(errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # -- generation -------------------------------------------------------------------------
+
+    def check_fits(self, n_prompt: int) -> int:
+        """Tokens left for generation after the prompt; ContextOverflow when none are."""
+        if n_prompt >= self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {n_prompt} tokens but the context holds {self.n_ctx} "
+                f"(prompt plus at least one generated token); shorten the prompt"
+            )
+        return self.n_ctx - n_prompt
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        params: sampling.SamplingParams,
+        max_tokens: int,
+        stop: frozenset[int] = frozenset(),
+    ) -> Iterator[Chunk]:
+        """Yield text chunks, then a final chunk with the finish reason and token counts.
+
+        Generation stops at the model's end-of-generation tokens (Gemma: <end_of_turn>, <eos>)
+        and at any token in `stop`; the stopping token is not counted or shown.
+
+        `max_tokens` beyond what the context leaves is clamped (finish reason "length").
+        Text never splits a UTF-8 character: bytes wait until their character is whole, and a
+        character left incomplete when generation stops is dropped (invalid bytes mid-stream
+        become U+FFFD).
+        """
+        budget = min(max_tokens, self.check_fits(len(prompt)))  # raises now, not at first next()
+        return self._generate(list(prompt), sampling.plan(params), budget, stop)
+
+    def _generate(self, prompt: list[int], steps: list[tuple], budget: int, stop: frozenset[int]) -> Iterator[Chunk]:
+        with self._lock:
+            chain = sampling.build(steps, self._vocab, self.n_vocab, self.n_ctx)
+            try:
+                yield from self._run(prompt, chain, budget, stop)
+            finally:
+                sampling.free(chain)
+
+    def _run(self, prompt: Sequence[int], chain, budget: int, stop: frozenset[int]) -> Iterator[Chunk]:
+        ctx, vocab, one = self._ctx, self._vocab, self._one
+        self._prefill(prompt)
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        n_gen, finish = 0, "length"
+        while n_gen < budget:
+            token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
+            if token in stop or llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            n_gen += 1
+            text = utf8.decode(self.piece(token))
+            if text:
+                yield Chunk(text)
+            if n_gen == budget:
+                break
+            one[0] = token
+            self._decode(llama_cpp.llama_batch_get_one(one, 1))
+        # Bytes still pending here are a character cut off by the stop: not text, so dropped.
+        yield Chunk("", finish, len(prompt), n_gen)
+
+    def _prefill(self, prompt: Sequence[int]) -> None:
+        """Evaluate the prompt from an empty cache, in fixed n_batch slices (same slicing every
+        time, so the same prompt always yields the same logits)."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        ids = (llama_cpp.llama_token * len(prompt))(*prompt)
+        for start in range(0, len(prompt), self.n_batch):
+            n = min(self.n_batch, len(prompt) - start)
+            ptr = ctypes.cast(ctypes.addressof(ids) + start * ctypes.sizeof(llama_cpp.llama_token),
+                              ctypes.POINTER(llama_cpp.llama_token))
+            self._decode(llama_cpp.llama_batch_get_one(ptr, n))
+
+    def _decode(self, batch) -> None:
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise LocalGemmaError(f"llama_decode failed with code {rc} (out of context or memory)")
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

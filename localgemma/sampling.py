@@ -1,0 +1,115 @@
+"""Sampling: the engine's parameters, the one translation from the contract, and the
+llama.cpp sampler chain built from them.
+
+The chain is planned as data first (`plan`), so the mapping is unit-testable without a
+model, then realised with llama.cpp's native samplers (`build`), so no per-token Python
+runs in sampling. llama-cpp-python's own defaults (top_k 40, min_p 0.05, top_p 0.95,
+repeat_penalty 1.1 over the last 64 tokens) are not used: a field the caller leaves out
+truncates or penalises nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import llama_cpp
+
+U32 = 0xFFFFFFFF
+# Penalties look back over every token generated so far (prompt tokens do not count: they
+# are never `accept`ed into the chain). -1 means "the whole context"; `build` turns it into
+# the context size, because llama.cpp's sampler clamps a negative window to 0 (= off).
+PENALTY_WINDOW = -1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    seed: Optional[int] = None  # the contract's seed, 1..9999999999
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    grammar: Optional[str] = None  # GBNF, root rule "root"
+
+    @classmethod
+    def from_inputs(cls, inputs) -> "SamplingParams":
+        """The one translation from wire fields to engine parameters."""
+        return cls(
+            temperature=inputs.temperature,
+            top_p=inputs.top_p,
+            top_k=inputs.top_k,
+            seed=inputs.seed,
+            repetition_penalty=inputs.repetition_penalty,
+            frequency_penalty=inputs.frequency_penalty,
+            presence_penalty=inputs.presence_penalty,
+        )
+
+
+def llama_seed(seed: Optional[int]) -> int:
+    """Contract seed (up to 9999999999, wider than 32 bits) -> llama.cpp's uint32 seed.
+
+    Seeds below 2**32-1 pass through unchanged, so `seed: 42` here equals `--seed 42` in
+    llama.cpp. Larger seeds are mixed (splitmix64) down to 32 bits: deterministic, and spread
+    rather than wrapped, so 2**32+1 does not collide with 1. No seed -> a fresh random one.
+    0xFFFFFFFF is llama.cpp's "pick randomly" sentinel, so it is never returned.
+    """
+    if seed is None:
+        return int.from_bytes(os.urandom(4), "little") % U32
+    if seed < U32:
+        return seed
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return ((z ^ (z >> 31)) & U32) % U32
+
+
+def plan(params: SamplingParams) -> list[tuple]:
+    """The sampler chain as data: [(name, *args)], in the order llama.cpp applies them."""
+    steps: list[tuple] = []
+    if params.grammar is not None:
+        steps.append(("grammar", params.grammar))
+    repeat = params.repetition_penalty
+    repeat = 1.0 if repeat in (None, 0) else repeat  # 0 would divide logits by zero: off
+    freq = params.frequency_penalty or 0.0
+    present = params.presence_penalty or 0.0
+    if repeat != 1.0 or freq or present:
+        steps.append(("penalties", PENALTY_WINDOW, repeat, freq, present))
+    if params.temperature == 0:
+        steps.append(("greedy",))
+        return steps
+    if params.top_k is not None:
+        steps.append(("top_k", params.top_k))
+    if params.top_p is not None and params.top_p < 1:
+        steps.append(("top_p", params.top_p, 1))
+    steps.append(("temp", params.temperature))
+    steps.append(("dist", llama_seed(params.seed)))
+    return steps
+
+
+def build(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
+    """Realise a plan as a native llama.cpp sampler chain (caller frees it with `free`)."""
+    chain_params = llama_cpp.llama_sampler_chain_default_params()
+    chain_params.no_perf = True
+    chain = llama_cpp.llama_sampler_chain_init(chain_params)
+    for name, *args in steps:
+        if name == "grammar":
+            smpl = llama_cpp.llama_sampler_init_grammar(vocab, args[0].encode(), b"root")
+            if not smpl:
+                llama_cpp.llama_sampler_free(chain)
+                raise ValueError("llama.cpp rejected the grammar")
+        elif name == "penalties":
+            window, *strengths = args
+            window = n_ctx if window == PENALTY_WINDOW else window
+            smpl = llama_cpp.llama_sampler_init_penalties(n_vocab, window, *strengths)
+        else:
+            smpl = getattr(llama_cpp, f"llama_sampler_init_{name}")(*args)
+        llama_cpp.llama_sampler_chain_add(chain, smpl)
+    return chain
+
+
+def free(chain) -> None:
+    llama_cpp.llama_sampler_free(chain)
+

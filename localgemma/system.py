@@ -1,0 +1,77 @@
+"""Facts about this machine that decide how a model is loaded: cores, memory, SIMD, backend."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process (hyper-threads slow llama.cpp's matmuls down)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _linux_physical_cores() or _macos_physical_cores()
+    return max(1, min(cores, usable) if cores else usable)
+
+
+def _linux_physical_cores() -> Optional[int]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    pairs = set()
+    for block in text.split("\n\n"):
+        phys = re.search(r"^physical id\s*:\s*(\d+)", block, re.M)
+        core = re.search(r"^core id\s*:\s*(\d+)", block, re.M)
+        if phys and core:
+            pairs.add((phys.group(1), core.group(1)))
+    return len(pairs) or None  # ARM boards (a Pi) list no core ids: fall back to the count
+
+
+def _macos_physical_cores() -> Optional[int]:
+    if platform.system() != "Darwin":
+        return None
+    try:
+        return int(subprocess.check_output(["sysctl", "-n", "hw.physicalcpu"], text=True))
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return None
+
+
+def available_memory() -> Optional[int]:
+    """Bytes a new model can use without swapping, or None when the OS will not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def backend() -> str:
+    """Which llama.cpp backend this build computes on."""
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        if platform.system() == "Darwin":
+            return "Metal"
+        return "GPU"
+    return "CPU"
+
+
+def system_info() -> str:
+    """llama.cpp's own line of compiled features, e.g. 'CPU : SSE3 = 1 | AVX2 = 1 | ...'."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+
+
+def simd_features() -> list[str]:
+    """The SIMD features llama.cpp was built with and found on this CPU (AVX2, NEON, ...)."""
+    return [name for name, on in re.findall(r"([A-Z0-9_]+) = (\d)", system_info()) if on == "1"]

