@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 import llama_cpp
 
 from . import sampling, system
+from .adapters import AdapterCache, AdapterRef
 from .errors import ContextOverflow, InsufficientMemory, LocalGemmaError
 
 log = logging.getLogger("localgemma")
@@ -114,6 +115,11 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._one = (llama_cpp.llama_token * 1)()
+        self.adapters = AdapterCache(self._model)
+        # Prompt tokens whose KV is in the cache *and* was computed as whole n_batch slices
+        # aligned at position 0 -- the only KV a later prompt may reuse (see _prefill).
+        self._kv_slices: list[int] = []
+        self.reused_tokens = 0  # of the last prompt (tests and bench read it)
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -178,11 +184,14 @@ class Engine:
         params: sampling.SamplingParams,
         max_tokens: int,
         stop: frozenset[int] = frozenset(),
+        adapters: tuple[AdapterRef, ...] = (),
     ) -> Iterator[Chunk]:
         """Yield text chunks, then a final chunk with the finish reason and token counts.
 
         Generation stops at the model's end-of-generation tokens (Gemma: <end_of_turn>, <eos>)
-        and at any token in `stop`; the stopping token is not counted or shown.
+        and at any token in `stop`; the stopping token is not counted or shown. `adapters` is
+        the LoRA set to apply (none: the bare base); the KV cache never outlives a request, so
+        nothing computed under one adapter set is reused under another.
 
         `max_tokens` beyond what the context leaves is clamped (finish reason "length").
         Text never splits a UTF-8 character: bytes wait until their character is whole, and a
@@ -190,10 +199,12 @@ class Engine:
         become U+FFFD).
         """
         budget = min(max_tokens, self.check_fits(len(prompt)))  # raises now, not at first next()
-        return self._generate(list(prompt), sampling.plan(params), budget, stop)
+        return self._generate(list(prompt), sampling.plan(params), budget, stop, tuple(adapters))
 
-    def _generate(self, prompt: list[int], steps: list[tuple], budget: int, stop: frozenset[int]) -> Iterator[Chunk]:
+    def _generate(self, prompt, steps, budget, stop, adapters) -> Iterator[Chunk]:
         with self._lock:
+            if self.adapters.activate(self._ctx, adapters):
+                self._kv_slices = []  # KV computed under another adapter set is wrong now
             chain = sampling.build(steps, self._vocab, self.n_vocab, self.n_ctx)
             try:
                 yield from self._run(prompt, chain, budget, stop)
@@ -221,16 +232,63 @@ class Engine:
         # Bytes still pending here are a character cut off by the stop: not text, so dropped.
         yield Chunk("", finish, len(prompt), n_gen)
 
+    def logits(self, tokens: Sequence[int], adapters: tuple[AdapterRef, ...] = ()):
+        """Teacher-forced logits at every position: float32 array [len(tokens), n_vocab].
+        Row i is the distribution over the token after tokens[:i+1]."""
+        import numpy as np
+
+        self.check_fits(len(tokens))
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        with self._lock:
+            self.adapters.activate(self._ctx, tuple(adapters))
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+            self._kv_slices = []
+            batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+            try:
+                for start in range(0, len(tokens), self.n_batch):
+                    part = tokens[start:start + self.n_batch]
+                    batch.n_tokens = len(part)
+                    for i, tok in enumerate(part):
+                        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
+                        batch.seq_id[i][0], batch.logits[i] = 0, True
+                    self._decode(batch)
+                    for i in range(len(part)):
+                        row = llama_cpp.llama_get_logits_ith(self._ctx, i)
+                        out[start + i] = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        return out
+
     def _prefill(self, prompt: Sequence[int]) -> None:
-        """Evaluate the prompt from an empty cache, in fixed n_batch slices (same slicing every
-        time, so the same prompt always yields the same logits)."""
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        """Evaluate the prompt in fixed n_batch slices aligned at position 0, reusing the KV of
+        whole slices the previous prompt shared.
+
+        llama.cpp's CPU kernels are not batch-invariant: a prefix evaluated as part of a longer
+        batch, or token by token during generation, gives slightly different KV than the same
+        prefix evaluated in a batch of another shape, which can flip a near-tie greedy pick.
+        Evaluating every prompt in the same aligned slices makes each slice's KV a function of
+        its tokens alone, so reusing whole identical slices is bit-exact: a request answers the
+        same whether its prefix was cached or not (tests/test_prefix_cache.py checks this).
+        """
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        shared = 0
+        for a, b in zip(self._kv_slices, prompt[: len(prompt) - 1]):  # the last token is always run
+            if a != b:
+                break
+            shared += 1
+        reuse = shared - shared % self.n_batch
+        if reuse == 0 or not llama_cpp.llama_memory_seq_rm(mem, 0, reuse, -1):
+            llama_cpp.llama_memory_clear(mem, True)
+            reuse = 0
+        self.reused_tokens = reuse
         ids = (llama_cpp.llama_token * len(prompt))(*prompt)
-        for start in range(0, len(prompt), self.n_batch):
+        for start in range(reuse, len(prompt), self.n_batch):
             n = min(self.n_batch, len(prompt) - start)
             ptr = ctypes.cast(ctypes.addressof(ids) + start * ctypes.sizeof(llama_cpp.llama_token),
                               ctypes.POINTER(llama_cpp.llama_token))
+            self._kv_slices = list(prompt[:start])  # if this decode fails, only this much is sound
             self._decode(llama_cpp.llama_batch_get_one(ptr, n))
+        self._kv_slices = list(prompt[: len(prompt) - len(prompt) % self.n_batch])
 
     def _decode(self, batch) -> None:
         rc = llama_cpp.llama_decode(self._ctx, batch)
@@ -240,6 +298,8 @@ class Engine:
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        if getattr(self, "adapters", None) is not None:
+            self.adapters.close()
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None

@@ -35,7 +35,12 @@ def _bindings_file() -> Path:
     return home() / "bindings.json"
 
 
-def bindings() -> dict[str, str]:
+# Bindings made for this process only (e.g. `localgemma serve --model ID=PATH`); they win over
+# the persistent ones in $LOCALGEMMA_HOME/bindings.json.
+_process_bindings: dict[str, str] = {}
+
+
+def _saved_bindings() -> dict[str, str]:
     path = _bindings_file()
     if not path.exists():
         return {}
@@ -45,18 +50,27 @@ def bindings() -> dict[str, str]:
         raise ModelUnavailable(f"{path} is unreadable ({exc}); fix or delete it") from None
 
 
-def bind(model_id: str, path: str | os.PathLike) -> Path:
-    """Make `model_id` resolve to a local GGUF file from now on."""
+def bindings() -> dict[str, str]:
+    return {**_saved_bindings(), **_process_bindings}
+
+
+def bind(model_id: str, path: str | os.PathLike, *, persist: bool = True) -> Path:
+    """Make `model_id` resolve to a local GGUF file: from now on (persist) or in this process."""
     target = Path(path).expanduser().resolve()
     _check_gguf(target, what=f"cannot bind {model_id!r}")
-    table = bindings()
+    if not persist:
+        _process_bindings[model_id] = str(target)
+        return target
+    table = _saved_bindings()
     table[model_id] = str(target)
     _atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
     return target
 
 
 def unbind(model_id: str) -> None:
-    table = bindings()
+    if _process_bindings.pop(model_id, None) is not None:
+        return
+    table = _saved_bindings()
     if model_id not in table:
         raise UnknownModel(f"{model_id!r} is not bound to a file; bound ids: {', '.join(table) or 'none'}")
     del table[model_id]
@@ -134,8 +148,9 @@ def _cached(spec: ModelSpec) -> Path:
     raise ModelUnavailable(f"{spec.id} is not downloaded yet: localgemma models pull {spec.id}")
 
 
-def local_path(model_id: str) -> Optional[Path]:
+def local_path(model_id: Optional[str]) -> Optional[Path]:
     """Where the model's file is if it is already here, else None (never downloads)."""
+    model_id = model_id or EMBEDDED_ID
     try:
         if model_id == EMBEDDED_ID and not bindings().get(model_id):
             path = home() / "models" / CATALOG[EMBEDDED_ID].filename

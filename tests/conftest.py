@@ -10,6 +10,7 @@ def _session_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("localgemma-home")
     old = os.environ.get("LOCALGEMMA_HOME")
     os.environ["LOCALGEMMA_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network, even by mistake
     yield home
     if old is None:
         os.environ.pop("LOCALGEMMA_HOME", None)
