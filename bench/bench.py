@@ -107,6 +107,10 @@ def main() -> None:
     print(f"{'metric':34} {'localgemma':>10} {'llama-cpp-python':>18} {'unit':6} {'ratio':>7}")
     runtime_bench(path, threads)
     cold_start(path, threads)
+    print("-- LoRA (ratio: adapter or merged over base)")
+    from bench_lora import lora_bench
+
+    lora_bench(path, threads, ROUNDS)
 
 
 if __name__ == "__main__":

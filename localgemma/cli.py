@@ -228,3 +228,94 @@ def info(as_json):
         return
     for key, value in facts.items():
         click.echo(f"{key:22} {', '.join(value) if isinstance(value, list) else value}")
+
+
+from .convert.cli import convert  # noqa: E402  (PEFT -> GGUF, merge, quantize)
+
+main.add_command(convert)
+
+
+@main.group()
+def finetune() -> None:
+    """LoRA finetunes (PEFT adapters), like `wrangler ai finetune`."""
+
+
+@finetune.command("create")
+@click.argument("model")
+@click.argument("name")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--description", default="", help="Free text stored with the finetune.")
+def finetune_create(model, name, folder, description):
+    """Validate and convert the PEFT adapter in FOLDER for MODEL; prints the new id."""
+    from . import finetunes
+
+    click.echo(finetunes.create(model, name, folder, description).id)
+
+
+@finetune.command("list")
+@click.option("--model", "-m", default=None, help="Only this model's finetunes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def finetune_list(model, as_json):
+    """Every finetune: id, name, model, description."""
+    from . import finetunes
+
+    entries = finetunes.list_finetunes(model)
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("no finetunes yet: localgemma finetune create MODEL NAME FOLDER")
+    for e in entries:
+        click.echo(f"{e.id}  {e.name:24} {e.model}  {e.status}  {e.description}")
+
+
+@finetune.command("show")
+@click.argument("name_or_id")
+@click.option("--model", "-m", default=None, help="The model, when a name is used for several.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def finetune_show(name_or_id, model, as_json):
+    """One finetune, with the path of its GGUF adapter."""
+    from . import finetunes
+
+    data = finetunes.get(name_or_id, model).to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        click.echo(f"{key:13} {', '.join(value) if isinstance(value, list) else value}")
+
+
+@finetune.command("delete")
+@click.argument("name_or_id")
+@click.option("--model", "-m", default=None, help="The model, when a name is used for several.")
+def finetune_delete(name_or_id, model):
+    """Remove a finetune and its files."""
+    from . import finetunes
+
+    entry = finetunes.delete(name_or_id, model)
+    click.echo(f"deleted {entry.name} ({entry.id})")
+
+
+@finetune.command("verify")
+@click.argument("name_or_id")
+@click.option("--model", "-m", default=None, help="The model, when a name is used for several.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def finetune_verify(name_or_id, model, as_json):
+    """Compare the runtime's logits with the adapter against the adapter merged in numpy."""
+    from .verify import verify
+
+    report = verify(name_or_id, model)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(f"finetune {report.finetune}")
+    for label, a in (("runtime adapter vs merged", report.adapter_vs_merged),
+                     ("noise floor (no adapter)", report.noise_floor),
+                     ("bare base vs merged", report.base_vs_merged)):
+        click.echo(f"  {label:27} top-1 agreement {a.top1:7.2%}   KL mean {a.kl_mean:.5f}  max {a.kl_max:.5f}"
+                   f"  ({a.positions} positions)")
+    click.echo(f"  PEFT: {report.peft}")
+    click.echo("  OK: the runtime applies this adapter as merged" if report.ok else
+               "  MISMATCH: the runtime's adapter does not match its PEFT source")
+    if not report.ok:
+        raise SystemExit(1)

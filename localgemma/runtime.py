@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from . import template
+from . import finetunes, template
+from .adapters import AdapterRef
 from .contract import Inputs, MessagesInputs, PromptInputs, parse_inputs
 from .engine import Chunk, Engine
-from .errors import NotSupported
+from .errors import InvalidInput, NotSupported
 from .sampling import SamplingParams
 
 Result = dict[str, Any]
@@ -75,11 +76,48 @@ def stop_tokens(engine: Engine, inputs: Inputs) -> frozenset[int]:
     return frozenset({engine.control_token(template.START)})
 
 
+def resolve_lora(model: Optional[str], lora: Optional[str]) -> tuple[AdapterRef, ...]:
+    """`lora` -> the adapters to apply. A finetune name or id; or, as an extension, several
+    with scales: "style:0.5,facts" (names cannot contain ':' or ',', so this is unambiguous)."""
+    if lora is None:
+        return ()
+    refs = []
+    for part in lora.split(","):
+        name, _, scale = part.strip().partition(":")
+        entry = finetunes.get(name, finetunes.normalize_model(model))
+        _check_base(entry, model)
+        if entry.status != "ready":
+            raise finetunes.FinetuneIncomplete(
+                f"lora: finetune {entry.name!r} is not usable yet: it still needs "
+                f"{', '.join(f for f in finetunes.REQUIRED_FILES if f not in entry.files)}")
+        refs.append(AdapterRef(str(entry.adapter_path), _scale(scale, part)))
+    return tuple(refs)
+
+
+def _check_base(entry: finetunes.Finetune, model: Optional[str]) -> None:
+    """The finetune's model id must be the request's, or name the very same local file."""
+    from .models import local_path
+
+    wanted = finetunes.normalize_model(model)
+    if entry.model == wanted:
+        return
+    mine, theirs = local_path(entry.model), local_path(wanted)  # never downloads
+    if mine is None or theirs is None or mine.resolve() != theirs.resolve():
+        raise InvalidInput(f"lora: finetune {entry.name!r} was made for {entry.model}, not {wanted}")
+
+
+def _scale(text: str, part: str) -> float:
+    if not text:
+        return 1.0
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"lora: {part!r} has scale {text!r}; write NAME or NAME:SCALE, e.g. style:0.5") from None
+
+
 def _refuse_unbuilt(inputs: Inputs) -> None:
     # These fields are part of the contract but their machinery lands in later work; a
     # request that uses them is refused by name rather than silently answered without them.
-    if inputs.lora is not None:
-        raise NotSupported(f"lora: finetune {inputs.lora!r} cannot be applied: this build has no adapter registry yet")
     if inputs.response_format is not None:
         raise NotSupported("response_format: structured output is not available in this build yet")
     if isinstance(inputs, MessagesInputs) and (inputs.tools or inputs.functions):
@@ -95,9 +133,10 @@ def run(model: Optional[str] = None, inputs: Union[dict, Inputs, None] = None, *
     """
     inputs = parse_inputs({**(inputs or {}), **fields} if not isinstance(inputs, (PromptInputs, MessagesInputs)) else inputs)
     _refuse_unbuilt(inputs)
+    adapters = resolve_lora(model, inputs.lora)
     engine = get_engine(model)
     chunks = engine.generate(encode(engine, inputs), SamplingParams.from_inputs(inputs), inputs.max_tokens,
-                             stop_tokens(engine, inputs))
+                             stop_tokens(engine, inputs), adapters)
     return _stream(chunks) if inputs.stream else _collect(chunks)
 
 

@@ -1,0 +1,120 @@
+"""`finetune verify`: is the adapter the runtime applies the adapter the user trained?
+
+Reference: the adapter merged into dequantized base weights in numpy (convert.merge_reference
+keeps the adapted tensors unquantized as F32, every other tensor byte-identical), run through
+llama.cpp.
+Runtime: the quantized base with the GGUF adapter switched on through the adapter API.
+Both see the same prompts teacher-forced; we report top-1 agreement and KL(reference ‖ runtime)
+per position, next to two yardsticks: the noise floor (the bare base against the same base
+with the same tensors dequantized, i.e. what the compute path alone changes) and the bare
+base against the reference (how far the adapter moves the model at all).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import finetunes
+from .adapters import AdapterRef
+
+PROMPTS = (
+    "The capital of France is",
+    "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n",
+    "def fibonacci(n):\n    ",
+)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    top1: float  # share of positions where both pick the same most likely token
+    kl_mean: float  # mean KL(reference || other) in nats
+    kl_max: float
+    positions: int
+
+
+@dataclass(frozen=True)
+class Report:
+    finetune: str
+    adapter_vs_merged: Agreement  # what should agree: the runtime against the reference
+    noise_floor: Agreement  # the same compute-path difference with no adapter at all
+    base_vs_merged: Agreement  # how much the adapter changes the model at all
+    peft: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        """The runtime is as close to the reference as quantized compute allows, and far closer
+        than the bare base is (an adapter applied wrongly, or not at all, fails this)."""
+        a, floor, base = self.adapter_vs_merged, self.noise_floor, self.base_vs_merged
+        return a.kl_mean <= max(4 * floor.kl_mean, 1e-3) and a.kl_mean <= 0.1 * base.kl_mean
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def compare(reference, other) -> Agreement:
+    """Both [positions, vocab] logits arrays."""
+    import numpy as np
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(reference), log_softmax(other)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    top1 = float((reference.argmax(-1) == other.argmax(-1)).mean())
+    return Agreement(top1=top1, kl_mean=float(kl.mean()), kl_max=float(kl.max()), positions=len(kl))
+
+
+def verify(name_or_id: str, model: Optional[str] = None, prompts: Sequence[str] = PROMPTS) -> Report:
+    import numpy as np
+
+    from .models import resolve
+    from .runtime import get_engine
+
+    entry = finetunes.get(name_or_id, finetunes.normalize_model(model) if model else None)
+    if entry.status != "ready":
+        raise finetunes.FinetuneIncomplete(f"finetune {entry.name!r} has no converted adapter yet")
+    engine = get_engine(entry.model)
+    ids = [engine.tokenize(p, special=True, add_bos=True) for p in prompts]
+    adapter = (AdapterRef(str(entry.adapter_path)),)
+    runtime = np.concatenate([engine.logits(t, adapter) for t in ids])
+    base = np.concatenate([engine.logits(t) for t in ids])
+    # The reference is built from the PEFT files the user gave, not from our GGUF conversion.
+    source = [(entry.folder, 1.0)]
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = _reference_logits(resolve(entry.model), source, Path(tmp) / "merged.gguf", ids, engine.n_threads)
+        floor = _reference_logits(resolve(entry.model), [(entry.folder, 0.0)], Path(tmp) / "floor.gguf", ids,
+                                  engine.n_threads)
+    return Report(finetune=entry.name, adapter_vs_merged=compare(merged, runtime),
+                  noise_floor=compare(floor, base), base_vs_merged=compare(merged, base), peft=_peft_note())
+
+
+def _reference_logits(base_path, adapters, out: Path, ids, threads):
+    """Logits of the base with `adapters` folded into F32 copies of the tensors they touch.
+    At scale 0 that is the base itself, computed the reference's way: the noise floor."""
+    import numpy as np
+
+    from .convert import merge_reference
+    from .engine import Engine
+
+    merge_reference(base_path, adapters, out)
+    engine = Engine(out, n_ctx=max(len(t) for t in ids) + 16, n_threads=threads)
+    try:
+        return np.concatenate([engine.logits(t) for t in ids])
+    finally:
+        engine.close()
+        out.unlink()
+
+
+def _peft_note() -> str:
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return "skipped: torch, transformers and peft are not installed"
+    return "skipped: comparing against PEFT needs the Hugging Face base weights, which are not stored locally"
