@@ -91,10 +91,21 @@ class PromptInputs(_Common):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class MessagesInputs(_Common):
     messages: list[Message] = Field(min_length=1)
     tools: Optional[list[Union[FunctionTool, FlatTool]]] = None
     functions: Optional[list[DeprecatedFunction]] = None
+    # Extension (OpenAI's): auto | none | required | {"type": "function", "function": {"name"}}
+    tool_choice: Optional[Union[Literal["auto", "none", "required"], NamedToolChoice]] = None
 
 
 Inputs = Union[PromptInputs, MessagesInputs]
@@ -146,7 +157,7 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("FunctionTool", "FlatTool"):
+        elif part in ("FunctionTool", "FlatTool", "NamedToolChoice") or str(part).startswith("literal["):
             continue  # union branch names mean nothing to a user
         else:
             out += f".{part}" if out else str(part)

@@ -205,19 +205,19 @@ class Engine:
         with self._lock:
             if self.adapters.activate(self._ctx, adapters):
                 self._kv_slices = []  # KV computed under another adapter set is wrong now
-            chain = sampling.build(steps, self._vocab, self.n_vocab, self.n_ctx)
+            sampler = sampling.make_sampler(steps, self._vocab, self.n_vocab, self.n_ctx)
             try:
-                yield from self._run(prompt, chain, budget, stop)
+                yield from self._run(prompt, sampler, budget, stop)
             finally:
-                sampling.free(chain)
+                sampler.free()
 
-    def _run(self, prompt: Sequence[int], chain, budget: int, stop: frozenset[int]) -> Iterator[Chunk]:
-        ctx, vocab, one = self._ctx, self._vocab, self._one
+    def _run(self, prompt: Sequence[int], sampler, budget: int, stop: frozenset[int]) -> Iterator[Chunk]:
+        ctx, vocab, one, sample = self._ctx, self._vocab, self._one, sampler.sample
         self._prefill(prompt)
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         n_gen, finish = 0, "length"
         while n_gen < budget:
-            token = llama_cpp.llama_sampler_sample(chain, ctx, -1)
+            token = sample(ctx)
             if token in stop or llama_cpp.llama_vocab_is_eog(vocab, token):
                 finish = "stop"
                 break

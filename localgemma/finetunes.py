@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .adapters import AdapterRef
 from .errors import ConversionError, InvalidInput, LocalGemmaError
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -134,6 +135,47 @@ def _read(folder: Path) -> Optional[Finetune]:
         return Finetune(**data, folder=folder)
     except (OSError, ValueError, TypeError):
         return None  # one damaged entry must not make the registry unreadable
+
+
+# -- use ------------------------------------------------------------------------------------
+
+def adapters_for(model: Optional[str], lora: Optional[str]) -> tuple[AdapterRef, ...]:
+    """`lora` -> the adapters to apply. A finetune name or id; or, as an extension, several
+    with scales: "style:0.5,facts" (names cannot contain ':' or ',', so this is unambiguous)."""
+    if lora is None:
+        return ()
+    refs = []
+    for part in lora.split(","):
+        name, _, scale = part.strip().partition(":")
+        entry = get(name, normalize_model(model))
+        _check_base(entry, model)
+        if entry.status != "ready":
+            raise FinetuneIncomplete(
+                f"lora: finetune {entry.name!r} is not usable yet: it still needs "
+                f"{', '.join(f for f in REQUIRED_FILES if f not in entry.files)}")
+        refs.append(AdapterRef(str(entry.adapter_path), _scale(scale, part)))
+    return tuple(refs)
+
+
+def _check_base(entry: Finetune, model: Optional[str]) -> None:
+    """The finetune's model id must be the request's, or name the very same local file."""
+    from .models import local_path
+
+    wanted = normalize_model(model)
+    if entry.model == wanted:
+        return
+    mine, theirs = local_path(entry.model), local_path(wanted)  # never downloads
+    if mine is None or theirs is None or mine.resolve() != theirs.resolve():
+        raise InvalidInput(f"lora: finetune {entry.name!r} was made for {entry.model}, not {wanted}")
+
+
+def _scale(text: str, part: str) -> float:
+    if not text:
+        return 1.0
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInput(f"lora: {part!r} has scale {text!r}; write NAME or NAME:SCALE, e.g. style:0.5") from None
 
 
 # -- writing -----------------------------------------------------------------------------------

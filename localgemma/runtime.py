@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from . import finetunes, template
+from . import finetunes, structured, template
+from . import tools as tools_mod
 from .adapters import AdapterRef
 from .contract import Inputs, MessagesInputs, PromptInputs, parse_inputs
 from .engine import Chunk, Engine
-from .errors import InvalidInput, NotSupported
+from .errors import InvalidInput
 from .sampling import SamplingParams
 
 Result = dict[str, Any]
@@ -47,7 +49,7 @@ def unload_all() -> None:
         _engines.clear()
 
 
-def encode(engine: Engine, inputs: Inputs) -> list[int]:
+def encode(engine: Engine, inputs: Inputs, preamble: Optional[str] = None) -> list[int]:
     """The prompt's token ids. Templated text is tokenized with control parsing off, so
     '<start_of_turn>' typed by a user stays text; `raw` prompts are the caller's format."""
     if isinstance(inputs, PromptInputs) and inputs.raw:
@@ -59,7 +61,7 @@ def encode(engine: Engine, inputs: Inputs) -> list[int]:
         if inputs.raw:
             # Raw with messages: the contents, as written, one after another.
             return engine.tokenize("".join(m.content for m in inputs.messages), special=True, add_bos=engine.add_bos)
-        pieces = template.render_messages(inputs.messages)
+        pieces = template.render_messages(inputs.messages, preamble)
     else:
         pieces = template.render_prompt(inputs.prompt)
     ids = [engine.bos] if engine.add_bos else []
@@ -76,68 +78,70 @@ def stop_tokens(engine: Engine, inputs: Inputs) -> frozenset[int]:
     return frozenset({engine.control_token(template.START)})
 
 
-def resolve_lora(model: Optional[str], lora: Optional[str]) -> tuple[AdapterRef, ...]:
-    """`lora` -> the adapters to apply. A finetune name or id; or, as an extension, several
-    with scales: "style:0.5,facts" (names cannot contain ':' or ',', so this is unambiguous)."""
-    if lora is None:
-        return ()
-    refs = []
-    for part in lora.split(","):
-        name, _, scale = part.strip().partition(":")
-        entry = finetunes.get(name, finetunes.normalize_model(model))
-        _check_base(entry, model)
-        if entry.status != "ready":
-            raise finetunes.FinetuneIncomplete(
-                f"lora: finetune {entry.name!r} is not usable yet: it still needs "
-                f"{', '.join(f for f in finetunes.REQUIRED_FILES if f not in entry.files)}")
-        refs.append(AdapterRef(str(entry.adapter_path), _scale(scale, part)))
-    return tuple(refs)
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine, and what turns its text into the result."""
+
+    engine: Engine
+    tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: frozenset[int]
+    adapters: tuple[AdapterRef, ...]
+    schema: Optional[dict] = None
+    tools: list = field(default_factory=list)
+    tool_mode: str = "auto"
+
+    def generate(self) -> Iterator[Chunk]:
+        return self.engine.generate(self.tokens, self.params, self.max_tokens, self.stop, self.adapters)
+
+    def finish(self, text: str, last: Chunk) -> Result:
+        """The result's fields beyond usage: response (parsed JSON with a schema), tool_calls."""
+        if self.schema is not None:
+            return {"response": structured.parse(text, self.schema, last.finish_reason, self.max_tokens)}
+        if self.tools:
+            call = tools_mod.parse_call(text, self.tools, self.tool_mode)
+            if call is not None:
+                return {"response": "", "tool_calls": [call]}
+        return {"response": text}
 
 
-def _check_base(entry: finetunes.Finetune, model: Optional[str]) -> None:
-    """The finetune's model id must be the request's, or name the very same local file."""
-    from .models import local_path
-
-    wanted = finetunes.normalize_model(model)
-    if entry.model == wanted:
-        return
-    mine, theirs = local_path(entry.model), local_path(wanted)  # never downloads
-    if mine is None or theirs is None or mine.resolve() != theirs.resolve():
-        raise InvalidInput(f"lora: finetune {entry.name!r} was made for {entry.model}, not {wanted}")
-
-
-def _scale(text: str, part: str) -> float:
-    if not text:
-        return 1.0
-    try:
-        return float(text)
-    except ValueError:
-        raise InvalidInput(f"lora: {part!r} has scale {text!r}; write NAME or NAME:SCALE, e.g. style:0.5") from None
-
-
-def _refuse_unbuilt(inputs: Inputs) -> None:
-    # These fields are part of the contract but their machinery lands in later work; a
-    # request that uses them is refused by name rather than silently answered without them.
-    if inputs.response_format is not None:
-        raise NotSupported("response_format: structured output is not available in this build yet")
+def prepare(model: Optional[str], inputs: Inputs) -> Prepared:
+    """Everything that can refuse a request, done before any token is generated."""
+    schema, grammar, tools, mode, preamble = None, None, [], "auto", None
     if isinstance(inputs, MessagesInputs) and (inputs.tools or inputs.functions):
-        raise NotSupported("tools: tool calling is not available in this build yet")
+        if inputs.response_format is not None:
+            raise InvalidInput("response_format: cannot be combined with tools; use one or the other")
+        tools = tools_mod.tools_of(inputs)
+        mode, name = tools_mod.choice_of(inputs.tool_choice, tools)
+        grammar = tools_mod.grammar(tools, mode, name)
+        preamble = tools_mod.render(tools) if mode != "none" else None
+    elif isinstance(inputs, MessagesInputs) and inputs.tool_choice not in (None, "none", "auto"):
+        raise InvalidInput("tool_choice: asks for a tool call, but the request has no tools")
+    if inputs.response_format is not None:
+        schema = structured.schema_of(inputs.response_format)
+        grammar = structured.grammar_for(schema)
+    adapters = finetunes.adapters_for(model, inputs.lora)
+    engine = get_engine(model)
+    params = replace(SamplingParams.from_inputs(inputs), grammar=grammar)
+    return Prepared(engine, encode(engine, inputs, preamble), params, inputs.max_tokens,
+                    stop_tokens(engine, inputs), adapters, schema, tools, mode)
 
 
 def run(model: Optional[str] = None, inputs: Union[dict, Inputs, None] = None, **fields: Any):
-    """Run one request. Returns {"response", "usage"} — or, with `stream: true`, an iterator
-    of {"response": piece} dicts ending with {"response": "", "usage": {...}}.
+    """Run one request. Returns {"response", "usage"} (plus "tool_calls" when the model called
+    a tool) -- or, with `stream: true`, an iterator of {"response": piece} dicts ending with
+    {"response": "", "usage": {...}} (plus "tool_calls", or with a schema "parsed").
 
     `run("@cf/google/gemma-2b-it-lora", {"prompt": "hi"})`, or keyword fields:
     `run(prompt="hi", temperature=0)`. `model=None` is the embedded Gemma 3 270M.
     """
-    inputs = parse_inputs({**(inputs or {}), **fields} if not isinstance(inputs, (PromptInputs, MessagesInputs)) else inputs)
-    _refuse_unbuilt(inputs)
-    adapters = resolve_lora(model, inputs.lora)
-    engine = get_engine(model)
-    chunks = engine.generate(encode(engine, inputs), SamplingParams.from_inputs(inputs), inputs.max_tokens,
-                             stop_tokens(engine, inputs), adapters)
-    return _stream(chunks) if inputs.stream else _collect(chunks)
+    if not isinstance(inputs, (PromptInputs, MessagesInputs)):
+        inputs = {**(inputs or {}), **fields}
+    inputs = parse_inputs(inputs)
+    prepared = prepare(model, inputs)
+    chunks = prepared.generate()
+    return _stream(chunks, prepared) if inputs.stream else _collect(chunks, prepared)
 
 
 def usage(last: Chunk) -> dict[str, int]:
@@ -148,16 +152,24 @@ def usage(last: Chunk) -> dict[str, int]:
     }
 
 
-def _collect(chunks: Iterator[Chunk]) -> Result:
+def _collect(chunks: Iterator[Chunk], prepared: Prepared) -> Result:
     parts = []
     for chunk in chunks:
         parts.append(chunk.text)
-    return {"response": "".join(parts), "usage": usage(chunk)}
+    return {**prepared.finish("".join(parts), chunk), "usage": usage(chunk)}
 
 
-def _stream(chunks: Iterator[Chunk]) -> Iterator[Result]:
+def _stream(chunks: Iterator[Chunk], prepared: Prepared) -> Iterator[Result]:
+    parts = []
     for chunk in chunks:
         if chunk.finish_reason is None:
+            parts.append(chunk.text)
             yield {"response": chunk.text}
-        else:
-            yield {"response": "", "usage": usage(chunk)}
+    final: Result = {"response": "", "usage": usage(chunk)}
+    if prepared.schema is not None or prepared.tools:
+        done = prepared.finish("".join(parts), chunk)
+        if "tool_calls" in done:
+            final["tool_calls"] = done["tool_calls"]
+        elif prepared.schema is not None:
+            final["parsed"] = done["response"]
+    yield final

@@ -89,27 +89,48 @@ def plan(params: SamplingParams) -> list[tuple]:
     return steps
 
 
-def build(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
-    """Realise a plan as a native llama.cpp sampler chain (caller frees it with `free`)."""
+class ChainSampler:
+    """The plain path: llama.cpp samples natively, no Python per token beyond one call."""
+
+    def __init__(self, chain):
+        self.chain = chain
+
+    def sample(self, ctx) -> int:
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, -1)
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self.chain)
+
+
+def make_sampler(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
+    """Realise a plan: a native chain, or (with a grammar) the constrained sampler."""
+    if steps and steps[0][0] == "grammar":
+        from .constrained import ConstrainedSampler
+
+        grammar = _init("grammar", steps[0][1:], vocab, n_vocab, n_ctx)
+        pre = _chain([s for s in steps[1:] if s[0] == "penalties"], vocab, n_vocab, n_ctx)
+        post = _chain([s for s in steps[1:] if s[0] != "penalties"], vocab, n_vocab, n_ctx)
+        return ConstrainedSampler(pre, grammar, post, n_vocab)
+    return ChainSampler(_chain(steps, vocab, n_vocab, n_ctx))
+
+
+def _chain(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
     chain_params = llama_cpp.llama_sampler_chain_default_params()
     chain_params.no_perf = True
     chain = llama_cpp.llama_sampler_chain_init(chain_params)
     for name, *args in steps:
-        if name == "grammar":
-            smpl = llama_cpp.llama_sampler_init_grammar(vocab, args[0].encode(), b"root")
-            if not smpl:
-                llama_cpp.llama_sampler_free(chain)
-                raise ValueError("llama.cpp rejected the grammar")
-        elif name == "penalties":
-            window, *strengths = args
-            window = n_ctx if window == PENALTY_WINDOW else window
-            smpl = llama_cpp.llama_sampler_init_penalties(n_vocab, window, *strengths)
-        else:
-            smpl = getattr(llama_cpp, f"llama_sampler_init_{name}")(*args)
-        llama_cpp.llama_sampler_chain_add(chain, smpl)
+        llama_cpp.llama_sampler_chain_add(chain, _init(name, args, vocab, n_vocab, n_ctx))
     return chain
 
 
-def free(chain) -> None:
-    llama_cpp.llama_sampler_free(chain)
-
+def _init(name: str, args, vocab, n_vocab: int, n_ctx: int):
+    if name == "grammar":
+        smpl = llama_cpp.llama_sampler_init_grammar(vocab, args[0].encode(), b"root")
+        if not smpl:
+            raise ValueError("llama.cpp rejected the grammar")
+        return smpl
+    if name == "penalties":
+        window, *strengths = args
+        window = n_ctx if window == PENALTY_WINDOW else window
+        return llama_cpp.llama_sampler_init_penalties(n_vocab, window, *strengths)
+    return getattr(llama_cpp, f"llama_sampler_init_{name}")(*args)

@@ -15,7 +15,7 @@ who types "<start_of_turn>" gets those characters, not the token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 START = "<start_of_turn>"
 END = "<end_of_turn>"
@@ -32,20 +32,24 @@ class Piece:
     control: bool = False
 
 
-def render_messages(messages: Sequence[object]) -> list[Piece]:
+def render_messages(messages: Sequence[object], preamble: Optional[str] = None) -> list[Piece]:
     """Messages (objects with .role and .content) -> pieces ending in an open model turn.
 
     Gemma has no system role: system text is folded into the next user turn, separated by a
     blank line (what Google's own template does). System text with no user turn after it
-    becomes a user turn of its own.
+    becomes a user turn of its own. `preamble` (the tool descriptions) goes first of all.
+    A `tool` message (a tool's result) is a user turn that says so.
     """
     pieces: list[Piece] = []
-    pending_system: list[str] = []
+    pending_system: list[str] = [preamble] if preamble else []
     for msg in messages:
         role, content = msg.role, msg.content  # type: ignore[attr-defined]
         if role == "system":
             pending_system.append(content)
             continue
+        if role == "tool":
+            name = getattr(msg, "name", None)
+            content = f"Result of the tool call{f' to {name}' if name else ''}:\n{content}"
         gemma_role = ROLE_MAP[role]
         if gemma_role == "user" and pending_system:
             content = "\n\n".join(pending_system + [content])

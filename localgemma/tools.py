@@ -1,0 +1,128 @@
+"""Tools: rendered into the Gemma prompt, and decoding constrained so the model either answers
+in text or emits one call `{"name": ..., "arguments": {...}}` whose name is a tool's and whose
+arguments validate against that tool's `parameters` schema.
+
+Gemma has no tool-call tokens; the call is a JSON object, which the grammar makes well-formed.
+The call grammar is llama.cpp's converter applied to an `anyOf` of one object schema per tool;
+"text or a call" adds one rule: text is anything that does not start with "{".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import InvalidInput
+from .structured import StructuredOutputError, grammar_for, unenforceable
+
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+PREAMBLE = (
+    "You can use these tools. To call one, answer with only a JSON object "
+    '{"name": "<tool name>", "arguments": {<arguments>}} and nothing else. '
+    "Otherwise answer in plain text.\n\nTools:\n"
+)
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+
+
+def tools_of(inputs) -> list[Tool]:
+    """Both `tools` shapes and the deprecated `functions`, checked: names unique and safe,
+    parameters an object schema the grammar can enforce."""
+    found = []
+    for spec in inputs.tools or []:
+        fn = getattr(spec, "function", spec)
+        found.append(Tool(fn.name, fn.description, fn.parameters))
+    for fn in inputs.functions or []:
+        # Workers AI's deprecated functions carry code, not a schema: any arguments object.
+        found.append(Tool(fn.name, f"(function; code: {fn.code[:200]})", {"type": "object"}))
+    seen = set()
+    for i, tool in enumerate(found):
+        where = f"tools[{i}]"
+        if not NAME_RE.fullmatch(tool.name):
+            raise InvalidInput(f"{where}.name: {tool.name!r} is not allowed; use 1-64 letters, digits, '_' or '-'")
+        if tool.name in seen:
+            raise InvalidInput(f"{where}.name: {tool.name!r} is defined twice; tool names must be unique")
+        seen.add(tool.name)
+        if tool.parameters.get("type", "object") != "object":
+            raise InvalidInput(f"{where}.parameters.type: {tool.parameters.get('type')!r}; tool parameters must be "
+                               f"an object schema ({{\"type\": \"object\", \"properties\": ...}})")
+        problems = unenforceable(tool.parameters, "$")
+        if problems:
+            raise InvalidInput(f"{where}.parameters ({tool.name}): the grammar cannot enforce " + "; ".join(problems))
+    return found
+
+
+def choice_of(tool_choice: Any, tools: list[Tool]) -> tuple[str, Optional[str]]:
+    """OpenAI's tool_choice -> (mode, function name): auto, none, required or one named tool."""
+    if tool_choice is None:
+        return ("auto", None)
+    if isinstance(tool_choice, str):
+        return (tool_choice, None)
+    name = tool_choice.function.name
+    if name not in {t.name for t in tools}:
+        raise InvalidInput(f"tool_choice.function.name: {name!r} is not one of the tools "
+                           f"({', '.join(t.name for t in tools)})")
+    return ("function", name)
+
+
+def render(tools: list[Tool]) -> str:
+    """The tool block that goes in front of the first user turn."""
+    lines = [json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters})
+             for t in tools]
+    return PREAMBLE + "\n".join(lines)
+
+
+def call_schema(tools: list[Tool]) -> dict:
+    return {"anyOf": [{
+        "type": "object",
+        "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    } for t in tools]}
+
+
+def grammar(tools: list[Tool], mode: str, name: Optional[str]) -> Optional[str]:
+    """GBNF for the reply: a call (required / named), text or a call (auto), or None (none)."""
+    if mode == "none":
+        return None
+    chosen = [t for t in tools if t.name == name] if mode == "function" else tools
+    call = grammar_for(call_schema(chosen))
+    if mode in ("required", "function"):
+        return call
+    # auto: rename the converter's root to `call`, then offer text as the alternative.
+    call = re.sub(r"^root ::=", "call ::=", call, flags=re.M)
+    return call + '\nroot ::= call | text\ntext ::= [^{] [^\\x00]*\n'
+
+
+def parse_call(text: str, tools: list[Tool], mode: str) -> Optional[dict]:
+    """The call in a reply, as {"name", "arguments"}; None when the reply is text."""
+    stripped = text.strip()
+    if mode == "none" or not stripped.startswith("{"):
+        if mode in ("required", "function"):
+            raise StructuredOutputError("tools: the reply was not a tool call (was max_tokens too small?)")
+        return None
+    try:
+        call = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise StructuredOutputError(f"tools: the tool call was cut short or malformed ({exc}); "
+                                    f"raise max_tokens") from None
+    tool = next((t for t in tools if t.name == call.get("name")), None)
+    if tool is None:
+        raise StructuredOutputError(f"tools: the call names {call.get('name')!r}, which is not a tool")
+    try:
+        import jsonschema
+
+        jsonschema.validate(call["arguments"], tool.parameters)
+    except ImportError:
+        pass
+    except jsonschema.ValidationError as exc:
+        raise StructuredOutputError(f"tools: arguments for {tool.name} failed validation ({exc.message})") from None
+    return {"name": call["name"], "arguments": call["arguments"]}
