@@ -111,6 +111,10 @@ def main() -> None:
     from bench_lora import lora_bench
 
     lora_bench(path, threads, ROUNDS)
+    print("-- HTTP server (ratio: in-process over HTTP for TTFT, HTTP over in-process for tok/s)")
+    from bench_server import server_bench
+
+    server_bench(path, threads)
 
 
 if __name__ == "__main__":

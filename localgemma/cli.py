@@ -231,8 +231,10 @@ def info(as_json):
 
 
 from .convert.cli import convert  # noqa: E402  (PEFT -> GGUF, merge, quantize)
+from .server.cli import serve  # noqa: E402  (the HTTP server; its imports are lazy)
 
 main.add_command(convert)
+main.add_command(serve)
 
 
 @main.group()

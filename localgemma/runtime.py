@@ -18,7 +18,7 @@ from . import tools as tools_mod
 from .adapters import AdapterRef
 from .contract import Inputs, MessagesInputs, PromptInputs, parse_inputs
 from .engine import Chunk, Engine
-from .errors import InvalidInput
+from .errors import InvalidInput, LocalGemmaError
 from .sampling import SamplingParams
 
 Result = dict[str, Any]
@@ -128,20 +128,28 @@ def prepare(model: Optional[str], inputs: Inputs) -> Prepared:
                     stop_tokens(engine, inputs), adapters, schema, tools, mode)
 
 
-def run(model: Optional[str] = None, inputs: Union[dict, Inputs, None] = None, **fields: Any):
+class Cancelled(LocalGemmaError):
+    code = 3008  # Cloudflare's "aborted"
+    status = 408
+
+
+def run(model: Optional[str] = None, inputs: Union[dict, Inputs, None] = None, *,
+        cancel: Optional[threading.Event] = None, **fields: Any):
     """Run one request. Returns {"response", "usage"} (plus "tool_calls" when the model called
     a tool) -- or, with `stream: true`, an iterator of {"response": piece} dicts ending with
     {"response": "", "usage": {...}} (plus "tool_calls", or with a schema "parsed").
 
     `run("@cf/google/gemma-2b-it-lora", {"prompt": "hi"})`, or keyword fields:
     `run(prompt="hi", temperature=0)`. `model=None` is the embedded Gemma 3 270M.
+    `cancel`, when set (from another thread), stops a non-streamed generation between tokens
+    with `Cancelled`; a stream is stopped by no longer iterating it (and closing it).
     """
     if not isinstance(inputs, (PromptInputs, MessagesInputs)):
         inputs = {**(inputs or {}), **fields}
     inputs = parse_inputs(inputs)
     prepared = prepare(model, inputs)
     chunks = prepared.generate()
-    return _stream(chunks, prepared) if inputs.stream else _collect(chunks, prepared)
+    return _stream(chunks, prepared) if inputs.stream else _collect(chunks, prepared, cancel)
 
 
 def usage(last: Chunk) -> dict[str, int]:
@@ -152,10 +160,15 @@ def usage(last: Chunk) -> dict[str, int]:
     }
 
 
-def _collect(chunks: Iterator[Chunk], prepared: Prepared) -> Result:
+def _collect(chunks: Iterator[Chunk], prepared: Prepared, cancel: Optional[threading.Event] = None) -> Result:
     parts = []
-    for chunk in chunks:
-        parts.append(chunk.text)
+    try:
+        for chunk in chunks:
+            parts.append(chunk.text)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the request was cancelled before it finished")
+    finally:
+        chunks.close()  # in this thread: frees the engine at once
     return {**prepared.finish("".join(parts), chunk), "usage": usage(chunk)}
 
 

@@ -1,0 +1,94 @@
+"""The app factory: settings -> a FastAPI app with both surfaces, health, auth and limits.
+
+    create_app(Settings(models={"@cf/google/gemma-2b-it-lora": "~/gguf/gemma-2b-it.gguf"}))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from localgemma import __version__
+
+from . import errors, openai_shim, workers_ai
+from .middleware import BearerAuth, BodyLimit
+from .queue import Scheduler
+from .settings import Settings
+
+log = logging.getLogger("localgemma.server")
+
+
+class Preloader:
+    """Loads the served models in a background thread at startup; /health reports it."""
+
+    def __init__(self, models: list[str]):
+        self.state: dict[str, str] = {m: "loading" for m in models}
+        self._thread = threading.Thread(target=self._load, name="localgemma-preload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _load(self) -> None:
+        from localgemma.runtime import get_engine
+
+        for model in self.state:
+            try:
+                get_engine(model)
+                self.state[model] = "ready"
+            except Exception as exc:  # noqa: BLE001 - reported by /health, and by each request
+                log.error("could not load %s: %s", model, exc)
+                self.state[model] = f"error: {getattr(exc, 'message', exc)}"
+
+    def status(self) -> str:
+        states = self.state.values()
+        if all(s == "ready" for s in states):
+            return "ok"
+        return "error" if any(s.startswith("error") for s in states) else "loading"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from localgemma.models import bind
+
+    for model_id, path in settings.models.items():
+        bind(model_id, path, persist=False)  # this process only; refuses a missing or non-GGUF file
+    app = FastAPI(title="localgemma", version=__version__, lifespan=_lifespan,
+                  description="Workers AI's LoRA Gemma models, served locally; and an OpenAI-style shim.")
+    app.state.settings = settings
+    app.state.scheduler = Scheduler(settings.max_queue)
+    app.state.preloader = Preloader(settings.served_models if settings.preload else [])
+    errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+                       larger=[(workers_ai.ASSETS_PATH, settings.max_asset_bytes)])
+    if settings.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.api_key)  # added last: runs first
+    app.include_router(workers_ai.make_router())
+    app.include_router(openai_shim.make_router())
+    app.add_api_route("/health", health, methods=["GET"], tags=["Operations"])
+    if settings.debug:
+        app.add_api_route("/debug/jobs", debug_jobs, methods=["GET"], tags=["Operations"])
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    app.state.preloader.start()
+    yield
+    await anyio.to_thread.run_sync(app.state.scheduler.shutdown)
+
+
+async def health(request: Request):
+    """200 once every served model is loaded; 503 while loading (or if one failed)."""
+    preloader: Preloader = request.app.state.preloader
+    status = preloader.status()
+    return JSONResponse({"status": status, "models": dict(preloader.state)}, status_code=200 if status == "ok" else 503)
+
+
+async def debug_jobs(request: Request) -> dict[str, Any]:
+    """Per-request generation counters (LOCALGEMMA_SERVER_DEBUG=1 only)."""
+    return {"jobs": [s.to_dict() for s in request.app.state.scheduler.history]}

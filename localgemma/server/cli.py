@@ -1,0 +1,60 @@
+"""`localgemma serve`: the HTTP server's door. The main CLI group attaches `serve`; it also
+runs alone as `python -m localgemma.server`."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import click
+
+from localgemma.errors import LocalGemmaError
+
+from .settings import DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_QUEUE, DEFAULT_PORT, Settings, parse_model_flag
+
+
+@click.command("serve")
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
+              help="Address to listen on. Anything but loopback exposes the models to the network: use --api-key.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--model", "models", multiple=True, metavar="ID=PATH",
+              help="Serve model ID from a local GGUF (this process only; repeatable). "
+                   "Default: the embedded Gemma 3 270M under its own id.")
+@click.option("--api-key", envvar="LOCALGEMMA_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health (env: LOCALGEMMA_API_KEY).")
+@click.option("--max-queue", default=DEFAULT_MAX_QUEUE, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait per model while one generates; more get 429 at once.")
+@click.option("--max-body-mb", default=DEFAULT_MAX_BODY_MB, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body (MiB); bigger ones get 413. Finetune uploads have the registry's own cap.")
+def serve(host, port, models, api_key, max_queue, max_body_mb):
+    """Serve Workers AI's REST API (/client/v4/accounts/ID/ai/...) and an OpenAI-style API (/v1)."""
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        bound = dict(parse_model_flag(m) for m in models)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--model: "), param_hint="--model") from None
+    settings = Settings(host=host, port=port, models=bound, api_key=api_key or None,
+                        max_queue=max_queue, max_body_mb=max_body_mb)
+    try:
+        app = create_app(settings)
+    except LocalGemmaError as exc:
+        raise click.BadParameter(exc.message, param_hint="--model") from None
+    if not api_key and not _is_loopback(host):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+    base = f"http://{host}:{port}"
+    click.echo(f"localgemma: serving {', '.join(settings.served_models)} (loading; {base}/health says when ready)\n"
+               f"  Workers AI: {base}/client/v4/accounts/local/ai/run/{settings.served_models[0]}\n"
+               f"  OpenAI:     {base}/v1", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,105 @@
+"""Two plain ASGI middlewares that run before anything reads a body, on every route:
+
+- `BearerAuth` (`--api-key`): every route but /health wants `Authorization: Bearer KEY`.
+- `BodyLimit` (`--max-body-mb`): a body over the limit gets 413 (code 3006).
+
+Why not Starlette's/FastAPI's own `max_body_size`: when Content-Length is over the limit it
+replaces whatever response the app sends with a plain-text "Content Too Large", so the
+error could not be in the Workers AI envelope or OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import Optional, Sequence
+
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, Unauthorized, is_openai, render
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = None
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            problem = self._problem(scope)
+        if problem is None:
+            await self.app(scope, receive, send)
+        else:
+            await render(scope, Unauthorized(problem))(scope, receive, send)
+
+    def _problem(self, scope: Scope) -> Optional[str]:
+        scheme, token = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self._key):
+            return None
+        if not is_openai(scope):
+            return "Authentication error"  # Cloudflare's words, whatever was wrong
+        if scheme.lower() != "bearer" or not token:
+            return "Missing API key: send the header 'Authorization: Bearer <key>'"
+        return "Incorrect API key provided"
+
+
+class BodyLimit:
+    """`limit` bytes per request body; paths matching a pattern in `larger` get that one's."""
+
+    def __init__(self, app: ASGIApp, limit: int, larger: Sequence[tuple[str, int]] = ()):
+        self.app = app
+        self.limit = limit
+        self.larger = [(re.compile(pattern), size) for pattern, size in larger]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = next((size for pattern, size in self.larger if pattern.search(scope["path"])), self.limit)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            # Refused before a byte of it is read.
+            await render(scope, too_large(limit))(scope, receive, send)
+            return
+        await self.app(scope, _counting(receive, limit), send)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(f"Request is too large: the body exceeds the limit of {limit / 2**20:g} MiB "
+                    "(localgemma serve --max-body-mb)", code=3006, status=413)
+
+
+class TooLarge(HTTPException):
+    # An HTTPException because FastAPI re-raises those from its body parsing (others become
+    # a generic 400); errors.py renders it with too_large()'s message.
+    def __init__(self, limit: int):
+        super().__init__(413, too_large(limit).message)
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    """A chunked body has no Content-Length: count it as it arrives."""
+    seen = 0
+
+    async def limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise TooLarge(limit)
+        return message
+
+    return limited
+
+
+def _content_length(scope: Scope) -> Optional[int]:
+    try:
+        return int(Headers(scope=scope)["content-length"])
+    except (KeyError, ValueError):
+        return None

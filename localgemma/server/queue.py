@@ -1,0 +1,226 @@
+"""Admission and generation threads.
+
+Generation is blocking C calls, so each request's generation runs in a thread of its own
+(`Job`), and its chunks reach the event loop through an asyncio queue without the thread
+ever waiting on the loop. Per model there is one line (`ModelQueue`): one request generates,
+at most `max_queue` wait their turn on a FIFO lock, and the next one is refused at once with
+429. Waiting happens on the event loop, not in threads, so a request that leaves the line
+(its client disconnected) costs nothing.
+
+Cancellation is a flag the job's thread checks between chunks: when set, the thread stops
+pulling, and closes the runtime's generator itself (a generator must not be closed from
+another thread while it runs), which frees the engine for the next in line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from localgemma import runtime
+from localgemma.errors import LocalGemmaError, ModelUnavailable
+
+from .errors import QueueFull
+
+END = object()  # the job's last item: nothing follows
+
+
+@dataclass
+class JobStats:
+    """What a job did, for GET /debug/jobs: the cancellation test reads `chunks_after_cancel`."""
+
+    id: int
+    model: str
+    stream: bool
+    state: str = "waiting"  # waiting -> running -> done | cancelled | failed
+    chunks: int = 0  # chunks pulled from the runtime
+    chunks_after_cancel: int = 0  # pulled after cancel() was called
+    queued_at: float = 0.0
+    started_at: Optional[float] = None
+    cancelled_at: Optional[float] = None
+    ended_at: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Job:
+    """One request's generation, in its own thread; iterate it (async) for its items."""
+
+    def __init__(self, model: Optional[str], inputs: Any, stats: JobStats, on_exit: Callable[[], None]):
+        self.model, self.inputs, self.stats = model, inputs, stats
+        self.n_ctx: Optional[int] = None  # the engine's context size, known with the last item
+        self._loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue = asyncio.Queue()
+        self._cancel = threading.Event()
+        self._finished = threading.Event()
+        self._complete = False  # the last chunk (the one with usage) has been produced
+        self._on_exit = on_exit
+
+    def start(self) -> None:
+        self.stats.state, self.stats.started_at = "running", time.monotonic()
+        threading.Thread(target=self._work, name=f"localgemma-job-{self.stats.id}", daemon=True).start()
+
+    def cancel(self) -> None:
+        if not (self._finished.is_set() or self._cancel.is_set() or self._complete):
+            self.stats.cancelled_at = time.monotonic()
+            self._cancel.set()
+
+    def join(self, timeout: float) -> bool:
+        return self._finished.wait(timeout)
+
+    async def get(self) -> Any:
+        """The next item: a result dict or chunk dict, or END; a failure is raised here."""
+        item = await self._items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self.get()
+        if item is END:
+            raise StopAsyncIteration
+        return item
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            if self._cancel.is_set():
+                return
+            result = runtime.run(self.model, self.inputs, cancel=self._cancel)
+            if isinstance(result, dict):
+                self._count(result)
+                self._put(result)
+            else:
+                self._drain(result)
+        except BaseException as exc:  # noqa: BLE001 - every failure is the request's answer
+            self.stats.state = "failed"
+            self._put(exc)
+        finally:
+            self._finish()
+
+    def _drain(self, chunks) -> None:
+        try:
+            for chunk in chunks:
+                self._count(chunk)
+                self._put(chunk)
+                if self._cancel.is_set():
+                    break
+        finally:
+            chunks.close()  # here, in the generating thread: releases the engine at once
+
+    def _count(self, item: Any) -> None:
+        self._complete = "usage" in item
+        if self._complete:  # the engine is loaded and cached by now: this is a lookup
+            self.n_ctx = runtime.get_engine(self.model).n_ctx
+        self.stats.chunks += 1
+        if self._cancel.is_set():
+            self.stats.chunks_after_cancel += 1
+
+    def _finish(self) -> None:
+        if self.stats.state == "running":
+            self.stats.state = "cancelled" if self._cancel.is_set() else "done"
+        self.stats.ended_at = time.monotonic()
+        self._finished.set()
+        self._put(END)
+        self._call(self._on_exit)
+
+    def _put(self, item: Any) -> None:
+        self._call(self._items.put_nowait, item)
+
+    def _call(self, fn: Callable, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the event loop is gone (server shut down): nobody is listening
+
+
+class ModelQueue:
+    """One model's line: one request generating, at most `depth` waiting."""
+
+    def __init__(self, key: str, depth: int):
+        self.key, self.depth = key, depth
+        self.turn = asyncio.Lock()  # FIFO: waiters are served in arrival order
+        self.admitted = 0  # generating + waiting
+
+    def admit(self, model: str) -> None:
+        if self.admitted > self.depth:
+            raise QueueFull(f"{model} is busy: 1 request generating and {self.depth} waiting "
+                            f"(localgemma serve --max-queue {self.depth}); retry later")
+        self.admitted += 1
+
+    def leave(self) -> None:
+        self.admitted -= 1
+
+
+class Scheduler:
+    def __init__(self, max_queue: int, history: int = 256):
+        self.max_queue = max_queue
+        self._queues: dict[str, ModelQueue] = {}
+        self._active: set[Job] = set()
+        self._ids = itertools.count(1)
+        self.history: collections.deque[JobStats] = collections.deque(maxlen=history)
+
+    def queue_for(self, model: Optional[str]) -> ModelQueue:
+        key = _engine_key(model)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = ModelQueue(key, self.max_queue)
+        return queue
+
+    async def start(self, model: Optional[str], inputs: Any) -> Job:
+        """Admit (or raise QueueFull at once), wait for the model's turn, start generating."""
+        from localgemma.models import EMBEDDED_ID
+
+        queue = self.queue_for(model)
+        queue.admit(model or EMBEDDED_ID)
+        stats = JobStats(next(self._ids), model or EMBEDDED_ID, bool(getattr(inputs, "stream", False)),
+                         queued_at=time.monotonic())
+        self.history.append(stats)
+        try:
+            await queue.turn.acquire()
+        except BaseException:
+            stats.state, stats.ended_at = "cancelled", time.monotonic()
+            queue.leave()
+            raise
+        job = Job(model, inputs, stats, on_exit=lambda: self._release(queue, job))
+        self._active.add(job)
+        job.start()
+        return job
+
+    def _release(self, queue: ModelQueue, job: Job) -> None:
+        self._active.discard(job)
+        queue.turn.release()
+        queue.leave()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every running generation and wait (bounded) for the threads: freeing an
+        engine under a thread still inside llama.cpp would crash the process."""
+        jobs = list(self._active)
+        for job in jobs:
+            job.cancel()
+        deadline = time.monotonic() + timeout
+        for job in jobs:
+            job.join(max(0.0, deadline - time.monotonic()))
+
+
+def _engine_key(model: Optional[str]) -> str:
+    """Requests share a line when they share an engine: key by the resolved file when it
+    can be had without downloading, else by the id (the runtime downloads it later)."""
+    from localgemma.models import resolve
+
+    try:
+        return str(resolve(model, download=False).resolve())
+    except ModelUnavailable:
+        return f"id:{model}"
+    except LocalGemmaError:
+        raise  # unknown model: refused before it takes a place in any line

@@ -1,0 +1,102 @@
+"""What both surfaces share between the scheduler and the wire: waiting for a job's first item
+while watching for the client to leave, and server-sent events framed by sse-starlette.
+
+A stream is committed to `text/event-stream` only once its first chunk exists: whatever
+fails before the first token (validation, an unknown lora, a prompt too long for the context)
+is still an ordinary JSON error with its own status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
+
+import anyio
+from fastapi import Request
+from sse_starlette import EventSourceResponse
+
+from localgemma.errors import LocalGemmaError
+
+from .queue import END, Job, Scheduler
+
+T = TypeVar("T")
+
+DONE = {"data": "[DONE]"}
+PING_SECONDS = 15  # keep-alive comments only in streams that go quiet this long
+SEND_TIMEOUT = 30  # a client that stops reading this long is dropped (and its job cancelled)
+
+
+class ClientGone(LocalGemmaError):
+    code = 3008  # "aborted"
+    status = 408
+
+    def __init__(self):
+        super().__init__("the client closed the connection before the answer was ready")
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, UTF-8 text kept as is (like JSON.stringify)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def event(obj: Any) -> dict[str, str]:
+    return {"data": dumps(obj)}
+
+
+def event_response(events: AsyncIterator[dict[str, str]]) -> EventSourceResponse:
+    # sep="\n": events are exactly `data: ...\n\n`, as Workers AI and OpenAI send them.
+    return EventSourceResponse(events, sep="\n", ping=PING_SECONDS, send_timeout=SEND_TIMEOUT)
+
+
+async def begin(request: Request, scheduler: Scheduler, model: Optional[str], inputs: Any) -> tuple[Job, Any]:
+    """Queue the request, start it, and return (job, its first item). A failure before the
+    first item is raised here; a client that leaves meanwhile cancels the job (ClientGone)."""
+    job: Optional[Job] = None
+
+    async def first() -> Any:
+        nonlocal job
+        job = await scheduler.start(model, inputs)
+        return await job.get()
+
+    try:
+        item = await unless_disconnected(request, first)
+    except BaseException:
+        if job is not None:
+            job.cancel()
+        raise
+    if item is END:  # the job was cancelled before it produced anything
+        raise ClientGone()
+    return job, item
+
+
+async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Await `work()`, cancelling it if the client disconnects first (then ClientGone).
+    The request body must already have been read: this listens on the same channel."""
+    outcome: dict[str, Any] = {}
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        outcome["gone"] = True
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch, group.cancel_scope)
+        try:
+            outcome["value"] = await work()
+        except Exception as exc:  # kept out of the task group, which would wrap it in a group
+            outcome["error"] = exc
+        group.cancel_scope.cancel()
+    if "error" in outcome:
+        raise outcome["error"]
+    if "value" not in outcome:
+        raise ClientGone()
+    return outcome["value"]
+
+
+def finish_reason(usage: dict[str, int], max_tokens: int, n_ctx: Optional[int]) -> str:
+    """"length" when generation used its whole budget, else "stop". The engine's budget is
+    max_tokens clamped to what the context leaves after the prompt, and it ends with
+    "length" exactly when it generated that many tokens."""
+    budget = max_tokens if n_ctx is None else min(max_tokens, n_ctx - usage["prompt_tokens"])
+    return "length" if usage["completion_tokens"] >= budget else "stop"

@@ -1,0 +1,152 @@
+"""The Workers AI REST surface: run a model, and the finetune registry (the same one the CLI
+uses). Answers are wrapped in Cloudflare's envelope; streams are Workers AI's SSE events.
+
+    POST   /client/v4/accounts/{account_id}/ai/run/{model}
+    GET    /client/v4/accounts/{account_id}/ai/finetunes
+    POST   /client/v4/accounts/{account_id}/ai/finetunes                 {model, name, description}
+    GET    /client/v4/accounts/{account_id}/ai/finetunes/{id_or_name}
+    POST   /client/v4/accounts/{account_id}/ai/finetunes/{id_or_name}/finetune-assets   multipart
+    DELETE /client/v4/accounts/{account_id}/ai/finetunes/{id_or_name}
+
+The account id is accepted and ignored: there is one registry per $LOCALGEMMA_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any, AsyncIterator
+
+import anyio
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from localgemma import finetunes
+from localgemma.contract import describe, parse_inputs
+from localgemma.errors import InvalidInput, LocalGemmaError, UnknownModel
+
+from .errors import INTERNAL_CODE, ApiError
+from .queue import Job
+from .sse import DONE, begin, event, event_response
+
+log = logging.getLogger("localgemma.server")
+
+PREFIX = "/client/v4/accounts/{account_id}/ai"
+ASSETS_PATH = r"/ai/finetunes/[^/]+/finetune-assets$"  # uploads get the registry's size cap, not --max-body-mb
+
+
+def success(result: Any) -> dict[str, Any]:
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON, whatever the Content-Type says: Cloudflare's own curl examples send
+    JSON with curl's default form Content-Type."""
+    body = await request.body()
+    if not body.strip():
+        raise ApiError("request body is empty; send a JSON object, e.g. {\"prompt\": \"hello\"}", code=3003)
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError("malformed JSON body: it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+                       "send one JSON object") from None
+
+
+def check_model(model: str) -> str:
+    """A model id this server answers for: a catalog id or a bound id. File paths are not
+    accepted over HTTP (they would let any client load any file on this machine)."""
+    from localgemma.models import CATALOG, bindings
+
+    known = list(CATALOG) + [b for b in bindings() if b not in CATALOG]
+    if model not in known:
+        raise UnknownModel(f"model {model!r} is unknown; this server answers for {', '.join(known)} "
+                           f"(bind another id with localgemma serve --model ID=PATH)")
+    return model
+
+
+def make_router() -> APIRouter:
+    router = APIRouter(prefix=PREFIX, tags=["Workers AI"])
+    router.add_api_route("/run/{model:path}", run_model, methods=["POST"])
+    router.add_api_route("/finetunes", list_finetunes, methods=["GET"])
+    router.add_api_route("/finetunes", create_finetune, methods=["POST"])
+    router.add_api_route("/finetunes/{id_or_name}", show_finetune, methods=["GET"])
+    router.add_api_route("/finetunes/{id_or_name}", delete_finetune, methods=["DELETE"])
+    router.add_api_route("/finetunes/{id_or_name}/finetune-assets", upload_asset, methods=["POST"])
+    return router
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+async def run_model(request: Request, account_id: str, model: str):
+    """env.AI.run(model, inputs) over REST: the body is the inputs object."""
+    check_model(model)
+    inputs = parse_inputs(await read_json(request))  # invalid input never takes a place in line
+    job, first = await begin(request, request.app.state.scheduler, model, inputs)
+    if not inputs.stream:
+        return success(first)
+    return event_response(_events(first, job))
+
+
+async def _events(first: dict, job: Job) -> AsyncIterator[dict[str, str]]:
+    try:
+        yield event(first)
+        async for chunk in job:
+            yield event(chunk)
+        yield DONE
+    except Exception as exc:  # noqa: BLE001 - mid-stream: the 200 is sent, say it in the stream
+        error = exc if isinstance(exc, LocalGemmaError) else ApiError(f"generation failed ({type(exc).__name__})",
+                                                                      code=INTERNAL_CODE, status=500)
+        log.warning("stream failed after its first chunk: %s", error.message)
+        yield event({"errors": [{"code": error.code, "message": error.message}]})
+    finally:
+        job.cancel()  # the client left (or we are done): the thread stops at the next chunk
+
+
+# -- finetunes ---------------------------------------------------------------------------------
+
+class FinetuneCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="the base model id, e.g. @cf/google/gemma-2b-it-lora")
+    name: str = Field(min_length=1, description="1-64 letters, digits, '.', '_' or '-'")
+    description: str = ""
+
+
+def public(entry: finetunes.Finetune) -> dict[str, Any]:
+    data = entry.to_dict()
+    data.pop("adapter_path", None)  # a path on this machine is nobody's business over HTTP
+    return data
+
+
+async def list_finetunes(account_id: str):
+    entries = await anyio.to_thread.run_sync(finetunes.list_finetunes)
+    return success([public(e) for e in entries])
+
+
+async def create_finetune(request: Request, account_id: str):
+    try:
+        spec = FinetuneCreate.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise InvalidInput(describe(exc, FinetuneCreate)) from None
+    check_model(spec.model)
+    entry = await anyio.to_thread.run_sync(finetunes.create_pending, spec.model, spec.name, spec.description)
+    return success(public(entry))
+
+
+async def show_finetune(account_id: str, id_or_name: str):
+    return success(public(await anyio.to_thread.run_sync(finetunes.get, id_or_name)))
+
+
+async def upload_asset(account_id: str, id_or_name: str,
+                       file_name: Annotated[str, Form(description="adapter_config.json or adapter_model.safetensors")],
+                       file: Annotated[UploadFile, File(description="the file's bytes")]):
+    """Once per file; the finetune is converted and usable when both are in."""
+    data = await file.read()
+    entry = await anyio.to_thread.run_sync(finetunes.add_asset, id_or_name, file_name, data)
+    return success(public(entry))
+
+
+async def delete_finetune(account_id: str, id_or_name: str):
+    return success(public(await anyio.to_thread.run_sync(finetunes.delete, id_or_name)))

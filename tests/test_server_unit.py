@@ -1,0 +1,270 @@
+"""The server's pieces without a model: OpenAI -> contract translation, error shapes, and the
+scheduler (admission, FIFO turns, cancellation between chunks) driven by a fake runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+
+from localgemma.contract import parse_inputs
+from localgemma.errors import InvalidInput, UnknownModel
+from localgemma.models import EMBEDDED_ID
+from localgemma.server import errors, queue
+from localgemma.server.errors import QueueFull, Unsupported
+from localgemma.server.openai_shim import chat_inputs, completion_inputs, split_model
+from localgemma.server.openai_types import ChatCompletionRequest, CompletionRequest
+from localgemma.server.sse import dumps, finish_reason
+
+TWO_B = "@cf/google/gemma-2b-it-lora"
+
+
+# -- translation -------------------------------------------------------------------------------
+
+def chat(**fields):
+    return chat_inputs(ChatCompletionRequest(model=TWO_B, messages=[{"role": "user", "content": "hi"}], **fields))
+
+
+def test_chat_translation_is_exact():
+    req = ChatCompletionRequest(model=f"{TWO_B}:style", messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": None}],
+        max_completion_tokens=20, temperature=0, top_p=0.9, seed=7, presence_penalty=0.5, stream=True,
+        response_format={"type": "text"}, n=1, stop=None, logprobs=False, user="me")
+    model, inputs = chat_inputs(req)
+    assert model == TWO_B
+    assert inputs == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+                                   {"role": "assistant", "content": ""}],
+                      "stream": True, "temperature": 0, "top_p": 0.9, "seed": 7, "presence_penalty": 0.5,
+                      "lora": "style", "max_tokens": 20}
+    parse_inputs(inputs)  # what the shim makes is a valid contract request
+
+
+def test_completion_translation_is_raw():
+    model, inputs = completion_inputs(CompletionRequest(model=TWO_B, prompt=["Once"], max_tokens=3, top_k=5))
+    assert (model, inputs) == (TWO_B, {"prompt": "Once", "raw": True, "stream": False, "top_k": 5, "max_tokens": 3})
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"n": 3}, "n"), ({"stop": "x"}, "stop"), ({"frequency_penalty": -0.1}, "frequency_penalty"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
+])
+def test_chat_refusals_name_the_param(fields, param):
+    with pytest.raises(Unsupported) as err:
+        chat(**fields)
+    assert err.value.param == param and err.value.status == 400 and err.value.message.startswith(param)
+
+
+def test_neutral_values_pass():
+    assert chat(n=1, stop=[], logprobs=False, frequency_penalty=0, tool_choice="none")[1]["frequency_penalty"] == 0
+
+
+def test_tools_and_tool_choice_pass_to_the_contract():
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    _, inputs = chat(tools=[tool], tool_choice="required")
+    assert inputs["tools"] == [tool] and inputs["tool_choice"] == "required"
+
+
+def test_image_parts_and_tool_history_are_refused():
+    with pytest.raises(Unsupported, match=r"messages\[0\].content\[1\]"):
+        chat_inputs(ChatCompletionRequest(model=TWO_B, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "x"}}]}]))
+    with pytest.raises(Unsupported, match=r"messages\[0\].tool_calls"):
+        chat_inputs(ChatCompletionRequest(model=TWO_B, messages=[{"role": "assistant", "content": None,
+                                                                  "tool_calls": [{"id": "1"}]}]))
+
+
+@pytest.mark.parametrize("fields, param", [({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"),
+                                           ({"best_of": 2}, "best_of"), ({"logprobs": 1}, "logprobs"),
+                                           ({"prompt": ["a", "b"]}, "prompt")])
+def test_completion_refusals(fields, param):
+    with pytest.raises(Unsupported) as err:
+        completion_inputs(CompletionRequest(**{"model": TWO_B, "prompt": "a", **fields}))
+    assert err.value.param == param
+
+
+def test_split_model():
+    assert split_model(TWO_B) == (TWO_B, None)
+    assert split_model(f"{EMBEDDED_ID}:my-adapter") == (EMBEDDED_ID, "my-adapter")
+    with pytest.raises(UnknownModel):
+        split_model("@cf/nope:adapter")
+    with pytest.raises(UnknownModel):
+        split_model("/etc/some.gguf")  # paths are not models over HTTP
+
+
+def test_finish_reason_follows_the_engine_budget():
+    assert finish_reason({"prompt_tokens": 5, "completion_tokens": 10}, 10, 8192) == "length"
+    assert finish_reason({"prompt_tokens": 5, "completion_tokens": 9}, 10, 8192) == "stop"
+    assert finish_reason({"prompt_tokens": 250, "completion_tokens": 6}, 100, 256) == "length"  # context clamp
+
+
+def test_sse_json_is_compact_utf8():
+    assert dumps({"response": "é\u2028\n"}) == '{"response":"é\u2028\\n"}'
+
+
+# -- error shapes ------------------------------------------------------------------------------
+
+def test_error_shapes():
+    exc = InvalidInput("temperature: must be <= 5 (got 9)")
+    assert errors.envelope_body(exc) == {"result": {}, "success": False, "messages": [],
+                                         "errors": [{"code": 3010, "message": exc.message}]}
+    assert errors.openai_body(exc) == {"error": {"message": exc.message, "type": "invalid_request_error",
+                                                 "param": "temperature", "code": "3010"}}
+    assert errors.openai_body(QueueFull("busy"))["error"]["type"] == "rate_limit_error"
+    assert errors.render({"path": "/v1/models"}, UnknownModel("no")).status_code == 404
+    assert errors.render({"path": "/client/v4/accounts/a/ai/run/x"}, UnknownModel("no")).status_code == 400
+
+
+def test_validation_errors_are_one_line_per_field():
+    exc = RequestValidationError([
+        {"type": "missing", "loc": ("body", "model"), "msg": "Field required", "input": {}},
+        {"type": "extra_forbidden", "loc": ("body", "foo"), "msg": "Extra inputs are not permitted", "input": 1}])
+    err = errors.validation_error(exc)
+    assert err.message == "model: required; foo: unknown or unsupported parameter" and err.param == "model"
+    bad = RequestValidationError([{"type": "json_invalid", "loc": ("body", 7), "msg": "JSON decode error",
+                                   "input": {}, "ctx": {"error": "Expecting value"}}])
+    assert errors.validation_error(bad).message.startswith("malformed JSON body: Expecting value (at character 7)")
+
+
+# -- scheduler with a fake runtime -------------------------------------------------------------
+
+class FakeRuntime:
+    """runtime.run stand-in: streams `n` chunks, one per `delay` seconds, and records where
+    and when its generator was closed."""
+
+    def __init__(self, n=1000, delay=0.002):
+        self.n, self.delay = n, delay
+        self.pulled = 0
+        self.closed_in = None
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, model, inputs, cancel=None):
+        self.cancel = cancel
+        if inputs.get("fail"):
+            raise InvalidInput("fail: asked to")
+        if not inputs.get("stream"):
+            return {"response": "whole", "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        return self._chunks()
+
+    def _chunks(self):
+        try:
+            for i in range(self.n):
+                self.gate.wait()
+                time.sleep(self.delay)
+                self.pulled += 1
+                yield {"response": str(i)}
+            yield {"response": "", "usage": {}}
+        finally:
+            self.closed_in = threading.get_ident()
+
+    def get_engine(self, model):
+        return type("E", (), {"n_ctx": 64})()
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    rt = FakeRuntime()
+    monkeypatch.setattr(queue, "runtime", rt)
+    monkeypatch.setattr(queue, "_engine_key", lambda model: model)
+    return rt
+
+
+def test_cancel_stops_within_a_chunk_and_closes_in_the_worker(fake):
+    async def main():
+        sched = queue.Scheduler(max_queue=1)
+        job = await sched.start("m", {"stream": True})
+        first = await job.get()
+        await asyncio.sleep(0.05)
+        job.cancel()
+        pulled_at_cancel = fake.pulled
+        await asyncio.to_thread(job.join, 5)
+        return first, pulled_at_cancel, job
+
+    first, pulled_at_cancel, job = asyncio.run(main())
+    assert first == {"response": "0"}
+    assert fake.pulled - pulled_at_cancel <= 1 and job.stats.chunks_after_cancel <= 1
+    assert job.stats.state == "cancelled" and fake.closed_in not in (None, threading.get_ident())
+
+
+def test_queue_full_is_immediate_and_turns_are_fifo(fake):
+    fake.gate.clear()  # the first job holds the model
+
+    async def main():
+        sched = queue.Scheduler(max_queue=1)
+        running = await sched.start("m", {"stream": True})
+        order = []
+
+        async def later(tag):
+            job = await sched.start("m", {"stream": False})
+            order.append(tag)
+            return await job.get()
+
+        waiting = asyncio.create_task(later("second"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="1 waiting"):
+            await sched.start("m", {"stream": False})  # raises at once: no await on a turn
+        other = await (await sched.start("other-model", {"stream": False})).get()  # its own line
+        fake.gate.set()
+        running.cancel()
+        result = await waiting
+        return order, result, other
+
+    order, result, other = asyncio.run(main())
+    assert order == ["second"] and result["response"] == "whole" and other["response"] == "whole"
+
+
+def test_a_waiter_that_leaves_frees_its_place(fake):
+    fake.gate.clear()
+
+    async def main():
+        sched = queue.Scheduler(max_queue=1)
+        running = await sched.start("m", {"stream": True})
+        waiter = asyncio.create_task(sched.start("m", {"stream": False}))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        replacement = asyncio.create_task(sched.start("m", {"stream": False}))  # admitted: the place is free
+        await asyncio.sleep(0.01)
+        fake.gate.set()
+        running.cancel()
+        return await (await replacement).get(), [s.state for s in sched.history]
+
+    result, states = asyncio.run(main())
+    assert result["response"] == "whole" and states[1] == "cancelled"
+
+
+def test_failure_before_the_first_chunk_is_raised_by_get(fake):
+    async def main():
+        sched = queue.Scheduler(max_queue=0)
+        job = await sched.start("m", {"fail": True})
+        with pytest.raises(InvalidInput, match="asked to"):
+            await job.get()
+        await asyncio.to_thread(job.join, 5)
+        return await (await sched.start("m", {"stream": False})).get()  # the line is free again
+
+    assert asyncio.run(main())["response"] == "whole"
+
+
+def test_preloader_reports_loading_then_ok(monkeypatch):
+    from localgemma import runtime
+    from localgemma.server.app import Preloader
+
+    gate = threading.Event()
+    monkeypatch.setattr(runtime, "get_engine", lambda model: gate.wait(5) if model == "slow" else (_ for _ in ()).throw(
+        UnknownModel("gone")) if model == "bad" else None)
+    loader = Preloader(["slow"])
+    loader.start()
+    assert loader.status() == "loading"
+    gate.set()
+    loader._thread.join(5)
+    assert loader.status() == "ok" and loader.state == {"slow": "ready"}
+    failing = Preloader(["bad"])
+    failing.start()
+    failing._thread.join(5)
+    assert failing.status() == "error" and failing.state["bad"] == "error: gone"
