@@ -311,10 +311,14 @@ def finetune_verify(name_or_id, model, as_json):
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     click.echo(f"finetune {report.finetune}")
-    for label, a in (("runtime adapter vs merged", report.adapter_vs_merged),
-                     ("noise floor (no adapter)", report.noise_floor),
-                     ("bare base vs merged", report.base_vs_merged)):
-        click.echo(f"  {label:27} top-1 agreement {a.top1:7.2%}   KL mean {a.kl_mean:.5f}  max {a.kl_max:.5f}"
+    rows = [("runtime adapter vs merged", report.adapter_vs_merged),
+            ("noise floor (no adapter)", report.noise_floor),
+            ("bare base vs merged", report.base_vs_merged)]
+    if report.adapter_vs_peft is not None:
+        rows += [("runtime adapter vs PEFT", report.adapter_vs_peft),
+                 ("llama.cpp vs torch, no adapter", report.peft_noise_floor)]
+    for label, a in rows:
+        click.echo(f"  {label:30} top-1 agreement {a.top1:7.2%}   KL mean {a.kl_mean:.5f}  max {a.kl_max:.5f}"
                    f"  ({a.positions} positions)")
     click.echo(f"  PEFT: {report.peft}")
     click.echo("  OK: the runtime applies this adapter as merged" if report.ok else

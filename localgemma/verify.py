@@ -13,6 +13,7 @@ base against the reference (how far the adapter moves the model at all).
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,14 +42,19 @@ class Report:
     adapter_vs_merged: Agreement  # what should agree: the runtime against the reference
     noise_floor: Agreement  # the same compute-path difference with no adapter at all
     base_vs_merged: Agreement  # how much the adapter changes the model at all
-    peft: Optional[str] = None
+    peft: Optional[str] = None  # how the PEFT comparison went, or why it was skipped
+    adapter_vs_peft: Optional[Agreement] = None  # the runtime against PEFT itself (torch)
+    peft_noise_floor: Optional[Agreement] = None  # the bare base: llama.cpp against torch
 
     @property
     def ok(self) -> bool:
         """The runtime is as close to the reference as quantized compute allows, and far closer
         than the bare base is (an adapter applied wrongly, or not at all, fails this)."""
-        a, floor, base = self.adapter_vs_merged, self.noise_floor, self.base_vs_merged
-        return a.kl_mean <= max(4 * floor.kl_mean, 1e-3) and a.kl_mean <= 0.1 * base.kl_mean
+        checks = [(self.adapter_vs_merged, self.noise_floor)]
+        if self.adapter_vs_peft is not None:
+            checks.append((self.adapter_vs_peft, self.peft_noise_floor))
+        return all(a.kl_mean <= max(4 * floor.kl_mean, 1e-3) and a.kl_mean <= 0.1 * self.base_vs_merged.kl_mean
+                   for a, floor in checks)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -89,8 +95,11 @@ def verify(name_or_id: str, model: Optional[str] = None, prompts: Sequence[str] 
         merged = _reference_logits(resolve(entry.model), source, Path(tmp) / "merged.gguf", ids, engine.n_threads)
         floor = _reference_logits(resolve(entry.model), [(entry.folder, 0.0)], Path(tmp) / "floor.gguf", ids,
                                   engine.n_threads)
+    note, peft_adapted, peft_base = _peft_logits(resolve(entry.model), entry.folder, ids)
     return Report(finetune=entry.name, adapter_vs_merged=compare(merged, runtime),
-                  noise_floor=compare(floor, base), base_vs_merged=compare(merged, base), peft=_peft_note())
+                  noise_floor=compare(floor, base), base_vs_merged=compare(merged, base), peft=note,
+                  adapter_vs_peft=compare(peft_adapted, runtime) if peft_adapted is not None else None,
+                  peft_noise_floor=compare(peft_base, base) if peft_base is not None else None)
 
 
 def _reference_logits(base_path, adapters, out: Path, ids, threads):
@@ -110,11 +119,29 @@ def _reference_logits(base_path, adapters, out: Path, ids, threads):
         out.unlink()
 
 
-def _peft_note() -> str:
+def _peft_logits(base_gguf: Path, folder: Path, ids):
+    """(note, adapted, base): PEFT's own logits for the prompts, from transformers' F32
+    dequantization of the same GGUF -- when torch, transformers and peft are installed
+    (`pip install 'localgemma[verify]'`)."""
     try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+        import numpy as np
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
     except ImportError:
-        return "skipped: torch, transformers and peft are not installed"
-    return "skipped: comparing against PEFT needs the Hugging Face base weights, which are not stored locally"
+        return "skipped: install torch, transformers and peft (pip install 'localgemma[verify]')", None, None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_gguf.parent), gguf_file=base_gguf.name,
+                                                     dtype=torch.float32)
+    except Exception as exc:  # transformers' GGUF loader covers some architectures only
+        return f"skipped: transformers cannot load {base_gguf.name} ({type(exc).__name__}: {exc})", None, None
+
+    def logits(m):
+        with torch.no_grad():
+            return np.concatenate([m(torch.tensor([t])).logits[0].float().numpy() for t in ids])
+
+    base = logits(model)
+    with warnings.catch_warnings():  # peft notes our extra "model_type" key (Cloudflare's) as unknown
+        warnings.simplefilter("ignore")
+        adapted = logits(PeftModel.from_pretrained(model, str(folder)))
+    return "compared against PEFT (transformers, F32 weights dequantized from the GGUF)", adapted, base
