@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench_batch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

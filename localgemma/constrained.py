@@ -34,8 +34,9 @@ class ConstrainedSampler:
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._full = np.zeros(n_vocab, TOKEN_DATA)
 
-    def sample(self, ctx) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
+    def sample(self, ctx, idx: int = -1) -> int:
+        # idx: the batch row of this sequence's logits (-1, the last row, when decoding alone)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
         full = self._full
         full["id"], full["logit"], full["p"] = self._ids, logits, 0.0
         self._apply(self.pre, full)  # penalties see the whole vocabulary, as in the plain chain

@@ -113,7 +113,6 @@ class Engine:
         self.bos = llama_cpp.llama_vocab_bos(self._vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._one = (llama_cpp.llama_token * 1)()
         self.adapters = AdapterCache(self._model)
         # Prompt tokens whose KV is in the cache *and* was computed as whole n_batch slices
@@ -155,9 +154,10 @@ class Engine:
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (control tokens render as nothing)."""
         cached = self._pieces.get(token)
-        if cached is None:
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-            cached = self._piece_buf.raw[: max(n, 0)]
+        if cached is None:  # a buffer per miss: the batch thread and request threads both call this
+            buf = ctypes.create_string_buffer(256)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            cached = buf.raw[: max(n, 0)]
             self._pieces[token] = cached
         return cached
 

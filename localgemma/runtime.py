@@ -11,7 +11,7 @@ import os
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from . import finetunes, structured, template
 from . import tools as tools_mod
@@ -21,10 +21,35 @@ from .engine import Chunk, Engine
 from .errors import InvalidInput, LocalGemmaError
 from .sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from .batching import Batcher
+
 Result = dict[str, Any]
 
 _engines: dict[Path, Engine] = {}
 _engines_lock = threading.Lock()
+_batchers: dict[Path, "Batcher"] = {}
+
+
+@dataclass
+class Config:
+    """How this process generates. Off by default for the Python API: every answer is exact
+    (bit-identical to a solo run). `localgemma serve` turns batching on unless --exact."""
+
+    batching: bool = False  # concurrent unseeded requests share decode steps (localgemma.batching)
+    exact: bool = False  # with batching on: every request runs alone, exactly
+    parallel: Optional[int] = None  # sequences per batch (None: LOCALGEMMA_PARALLEL or 4)
+    ctx: Optional[int] = None  # KV cells shared by them (None: LOCALGEMMA_BATCH_CTX or 4096)
+
+
+config = Config()
+
+
+def configure(**fields: Any) -> Config:
+    """`configure(batching=True, parallel=8)`: applies to batchers created afterwards."""
+    global config
+    config = replace(config, **fields)
+    return config
 
 
 def get_engine(model: Optional[str] = None) -> Engine:
@@ -42,8 +67,26 @@ def get_engine(model: Optional[str] = None) -> Engine:
         return engine
 
 
+def get_batcher(model: Optional[str] = None) -> "Batcher":
+    """The batch scheduler over a model's engine, created on first use and kept."""
+    return batcher_for(get_engine(model))
+
+
+def batcher_for(engine: Engine) -> "Batcher":
+    from .batching import Batcher
+
+    with _engines_lock:
+        batcher = _batchers.get(engine.path)
+        if batcher is None:
+            batcher = _batchers[engine.path] = Batcher(engine, config.parallel, config.ctx)
+        return batcher
+
+
 def unload_all() -> None:
     with _engines_lock:
+        for batcher in _batchers.values():  # first: they decode on the engines' models
+            batcher.close()
+        _batchers.clear()
         for engine in _engines.values():
             engine.close()
         _engines.clear()
@@ -93,7 +136,11 @@ class Prepared:
     tool_mode: str = "auto"
 
     def generate(self) -> Iterator[Chunk]:
-        return self.engine.generate(self.tokens, self.params, self.max_tokens, self.stop, self.adapters)
+        if not config.batching:
+            return self.engine.generate(self.tokens, self.params, self.max_tokens, self.stop, self.adapters)
+        batcher = batcher_for(self.engine)  # exact/seeded requests pause it and run alone
+        return batcher.generate(self.tokens, self.params, self.max_tokens, self.stop, self.adapters,
+                                exact=config.exact)
 
     def finish(self, text: str, last: Chunk) -> Result:
         """The result's fields beyond usage: response (parsed JSON with a schema), tool_calls."""

@@ -95,8 +95,9 @@ class ChainSampler:
     def __init__(self, chain):
         self.chain = chain
 
-    def sample(self, ctx) -> int:
-        return llama_cpp.llama_sampler_sample(self.chain, ctx, -1)
+    def sample(self, ctx, idx: int = -1) -> int:
+        """`idx`: the batch row holding this sequence's logits (-1: the last one, single-sequence)."""
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, idx)
 
     def free(self) -> None:
         llama_cpp.llama_sampler_free(self.chain)

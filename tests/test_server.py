@@ -4,7 +4,9 @@
 The main server binds the seeds' model ids to the embedded GGUF, so the seeds' curl commands
 run with only the base URL changed; its context is 256 tokens (LOCALGEMMA_N_CTX) so that
 their default 256-token answers are clamped and the file stays fast. A second server has an
-API key, no waiting room (--max-queue 0) and a 16 KiB body limit.
+API key, no waiting room (--max-queue 0) and a 16 KiB body limit. Both run with --exact (one
+request at a time, answers exactly the solo ones: the stress and queue tests depend on it); a
+third, batched server (--parallel 4, the default) is tested at the end of the file.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(_session_home, embedded_gguf):
-    srv = Server(_session_home, "--model", f"{TWO_B}={embedded_gguf}", "--model", f"{SEVEN_B}={embedded_gguf}")
+    srv = Server(_session_home, "--model", f"{TWO_B}={embedded_gguf}", "--model", f"{SEVEN_B}={embedded_gguf}",
+                 "--exact")
     yield srv
     srv.stop()
 
@@ -98,7 +101,7 @@ def server(_session_home, embedded_gguf):
 @pytest.fixture(scope="module")
 def guarded(_session_home, embedded_gguf):
     srv = Server(_session_home, "--model", f"{TWO_B}={embedded_gguf}", "--api-key", KEY, "--max-queue", "0",
-                 "--max-body-mb", str(16 / 1024))
+                 "--max-body-mb", str(16 / 1024), "--exact")
     yield srv
     srv.stop()
 
@@ -569,3 +572,53 @@ def test_serve_command_refuses_bad_model_flags(tmp_path):
     result = runner.invoke(serve, ["--model", f"@cf/x={tmp_path / 'missing.gguf'}"])
     assert result.exit_code == 2 and "missing.gguf" in result.output
     assert "--max-queue" in runner.invoke(serve, ["--help"]).output
+
+
+# -- a batched server (--parallel) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batched(_session_home, embedded_gguf):
+    srv = Server(_session_home, "--model", f"{TWO_B}={embedded_gguf}", "--parallel", "3", "--max-queue", "1",
+                 "--batch-ctx", "1024")
+    yield srv
+    srv.stop()
+
+
+def test_batched_streams_run_together_queue_and_429(batched):
+    seen = {j["id"] for j in batched.jobs()}
+    streams = [Stream(batched, {**LONG, "prompt": f"la {i} la"}) for i in range(3)]
+    for s in streams:
+        s.events(2)  # all three are generating at once
+    running = [j for j in batched.jobs() if j["id"] not in seen and j["state"] == "running"]
+    assert len(running) == 3
+    queued = Stream(batched, {**LONG, "prompt": "queued"}, wait=False)  # slots 3 + queue 1 = 4 admitted
+    wait_for(lambda: any(j["state"] == "waiting" for j in batched.jobs() if j["id"] not in seen))
+    r = httpx.post(batched.url(), json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 429 and "3 requests generating and 1 waiting" in r.text
+    closed_at = streams[0].close()  # cancelled mid-batch: its sequence is freed, the queued one runs
+    job = wait_for(lambda: next((j for j in batched.jobs() if j["id"] == running[0]["id"] and j["ended_at"]), None))
+    assert job["state"] == "cancelled" and job["ended_at"] - closed_at < 1.0, job
+    queued.response = queued.conn.getresponse()
+    assert queued.events(2)
+    others = streams[1].events(5)  # the others kept going
+    assert len(others) == 5
+    for s in (*streams[1:], queued):
+        s.close()
+
+
+def test_batched_seeded_requests_equal_the_exact_server(batched, server):
+    seeded = {"prompt": "Tell me a story", "temperature": 0.9, "seed": 7, "max_tokens": 12}
+    alone = text(server, seeded)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda body: text(batched, body), [seeded, {"prompt": "Hi there"}] * 2))
+    assert got[0] == got[2] == alone
+    assert all(isinstance(g, str) and g for g in got[1::2])
+
+
+def test_batched_stream_and_openai_work(batched):
+    body = {"prompt": "The capital of France is", "raw": True, "temperature": 0, "max_tokens": 16}
+    whole = text(batched, body)  # alone in the batch both times: the same steps, the same answer
+    r = run(batched, {**body, "stream": True})
+    events = sse_events(r.content)
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["response"] for e in events[:-1]) == whole

@@ -35,11 +35,13 @@ class Preloader:
         self._thread.start()
 
     def _load(self) -> None:
-        from localgemma.runtime import get_engine
+        from localgemma import runtime
 
         for model in self.state:
             try:
-                get_engine(model)
+                runtime.get_engine(model)
+                if runtime.config.batching:  # its context too, so the first request does not wait
+                    runtime.get_batcher(model)
                 self.state[model] = "ready"
             except Exception as exc:  # noqa: BLE001 - reported by /health, and by each request
                 log.error("could not load %s: %s", model, exc)
@@ -60,7 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="localgemma", version=__version__, lifespan=_lifespan,
                   description="Workers AI's LoRA Gemma models, served locally; and an OpenAI-style shim.")
     app.state.settings = settings
-    app.state.scheduler = Scheduler(settings.max_queue)
+    app.state.scheduler = Scheduler(settings.max_queue, slots=settings.slots)
     app.state.preloader = Preloader(settings.served_models if settings.preload else [])
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,

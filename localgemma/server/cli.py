@@ -9,7 +9,8 @@ import click
 
 from localgemma.errors import LocalGemmaError
 
-from .settings import DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_QUEUE, DEFAULT_PORT, Settings, parse_model_flag
+from .settings import (DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, Settings,
+                       parse_model_flag)
 
 
 @click.command("serve")
@@ -22,11 +23,21 @@ from .settings import DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_QUEUE, DEFA
 @click.option("--api-key", envvar="LOCALGEMMA_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health (env: LOCALGEMMA_API_KEY).")
 @click.option("--max-queue", default=DEFAULT_MAX_QUEUE, show_default=True, type=click.IntRange(min=0),
-              help="Requests that may wait per model while one generates; more get 429 at once.")
+              help="Requests that may wait per model while the running ones generate; more get 429 at once.")
+@click.option("--parallel", envvar="LOCALGEMMA_PARALLEL", default=DEFAULT_PARALLEL, show_default=True,
+              type=click.IntRange(min=1),
+              help="Requests per model decoded together in one batch (continuous batching). Answers may differ "
+                   "from solo ones at near-ties; requests with a seed always run alone and repeat exactly "
+                   "(env: LOCALGEMMA_PARALLEL).")
+@click.option("--batch-ctx", envvar="LOCALGEMMA_BATCH_CTX", type=click.IntRange(min=256), default=4096,
+              show_default=True, help="KV cells (tokens) shared by a model's batched requests; a request "
+                                      "too big for them runs alone.")
+@click.option("--exact", is_flag=True,
+              help="One request at a time per model, every answer exactly repeatable (no batching).")
 @click.option("--max-body-mb", default=DEFAULT_MAX_BODY_MB, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Largest request body (MiB); bigger ones get 413. Finetune uploads have the registry's own cap.")
-def serve(host, port, models, api_key, max_queue, max_body_mb):
+def serve(host, port, models, api_key, max_queue, parallel, batch_ctx, exact, max_body_mb):
     """Serve Workers AI's REST API (/client/v4/accounts/ID/ai/...) and an OpenAI-style API (/v1)."""
     import uvicorn
 
@@ -37,7 +48,7 @@ def serve(host, port, models, api_key, max_queue, max_body_mb):
     except ValueError as exc:
         raise click.BadParameter(str(exc).removeprefix("--model: "), param_hint="--model") from None
     settings = Settings(host=host, port=port, models=bound, api_key=api_key or None,
-                        max_queue=max_queue, max_body_mb=max_body_mb)
+                        max_queue=max_queue, parallel=parallel, exact=exact, max_body_mb=max_body_mb)
     try:
         app = create_app(settings)
     except LocalGemmaError as exc:
@@ -48,6 +59,12 @@ def serve(host, port, models, api_key, max_queue, max_body_mb):
     click.echo(f"localgemma: serving {', '.join(settings.served_models)} (loading; {base}/health says when ready)\n"
                f"  Workers AI: {base}/client/v4/accounts/local/ai/run/{settings.served_models[0]}\n"
                f"  OpenAI:     {base}/v1", err=True)
+    from localgemma import runtime
+
+    # Batching is a property of the process (runtime.configure), so it is set here, once the
+    # process is surely the server's, not in create_app, which tests build in their own process.
+    # Seeded requests still run alone and repeat exactly (localgemma.batching).
+    runtime.configure(batching=not exact, exact=False, parallel=parallel, ctx=batch_ctx)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
 

@@ -2,10 +2,11 @@
 
 Generation is blocking C calls, so each request's generation runs in a thread of its own
 (`Job`), and its chunks reach the event loop through an asyncio queue without the thread
-ever waiting on the loop. Per model there is one line (`ModelQueue`): one request generates,
-at most `max_queue` wait their turn on a FIFO lock, and the next one is refused at once with
-429. Waiting happens on the event loop, not in threads, so a request that leaves the line
-(its client disconnected) costs nothing.
+ever waiting on the loop. Per model there is one line (`ModelQueue`): `slots` requests
+generate (1 with --exact; --parallel N with batching, where the runtime's batcher decodes them
+together), at most `max_queue` wait their turn on a FIFO semaphore, and the next one is
+refused at once with 429. Waiting happens on the event loop, not in threads, so a request
+that leaves the line (its client disconnected) costs nothing.
 
 Cancellation is a flag the job's thread checks between chunks: when set, the thread stops
 pulling, and closes the runtime's generator itself (a generator must not be closed from
@@ -145,17 +146,17 @@ class Job:
 
 
 class ModelQueue:
-    """One model's line: one request generating, at most `depth` waiting."""
+    """One model's line: `slots` requests generating, at most `depth` waiting."""
 
-    def __init__(self, key: str, depth: int):
-        self.key, self.depth = key, depth
-        self.turn = asyncio.Lock()  # FIFO: waiters are served in arrival order
+    def __init__(self, key: str, depth: int, slots: int = 1):
+        self.key, self.depth, self.slots = key, depth, slots
+        self.turn = asyncio.Semaphore(slots)  # FIFO (Python >= 3.11.1): served in arrival order
         self.admitted = 0  # generating + waiting
 
     def admit(self, model: str) -> None:
-        if self.admitted > self.depth:
-            raise QueueFull(f"{model} is busy: 1 request generating and {self.depth} waiting "
-                            f"(localgemma serve --max-queue {self.depth}); retry later")
+        if self.admitted >= self.slots + self.depth:
+            raise QueueFull(f"{model} is busy: {self.slots} request{'s' if self.slots > 1 else ''} generating and "
+                            f"{self.depth} waiting (localgemma serve --max-queue {self.depth}); retry later")
         self.admitted += 1
 
     def leave(self) -> None:
@@ -163,8 +164,8 @@ class ModelQueue:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int, history: int = 256):
-        self.max_queue = max_queue
+    def __init__(self, max_queue: int, history: int = 256, slots: int = 1):
+        self.max_queue, self.slots = max_queue, slots
         self._queues: dict[str, ModelQueue] = {}
         self._active: set[Job] = set()
         self._ids = itertools.count(1)
@@ -174,7 +175,7 @@ class Scheduler:
         key = _engine_key(model)
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = ModelQueue(key, self.max_queue)
+            queue = self._queues[key] = ModelQueue(key, self.max_queue, self.slots)
         return queue
 
     async def start(self, model: Optional[str], inputs: Any) -> Job:

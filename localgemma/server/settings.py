@@ -10,6 +10,7 @@ from typing import Optional
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 8
+DEFAULT_PARALLEL = 4  # requests decoded together per model (localgemma.batching)
 DEFAULT_MAX_BODY_MB = 10.0
 # Finetune asset uploads carry whole adapter files: they get the registry's own size cap
 # (plus room for the multipart framing) instead of the run routes' body limit.
@@ -25,6 +26,10 @@ class Settings:
     api_key: Optional[str] = None
     # requests that may wait per model while one generates; past it: 429 at once
     max_queue: int = DEFAULT_MAX_QUEUE
+    # requests generating at once per model, batched into shared decode steps
+    parallel: int = DEFAULT_PARALLEL
+    # one request at a time, every answer exactly the solo one (no batching)
+    exact: bool = False
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     preload: bool = True
     # exposes GET /debug/jobs (per-request generation counters) for tests and benchmarks
@@ -33,6 +38,8 @@ class Settings:
     def __post_init__(self):
         if self.max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {self.max_queue}")
+        if self.parallel < 1:
+            raise ValueError(f"parallel: must be >= 1, got {self.parallel}")
         if self.max_body_mb <= 0:
             raise ValueError(f"max_body_mb: must be > 0, got {self.max_body_mb}")
 
@@ -43,6 +50,10 @@ class Settings:
         from localgemma.models import EMBEDDED_ID
 
         return list(self.models) or [EMBEDDED_ID]
+
+    @property
+    def slots(self) -> int:
+        return 1 if self.exact else self.parallel
 
     @property
     def max_body_bytes(self) -> int:

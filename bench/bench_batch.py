@@ -1,0 +1,123 @@
+"""Batched decoding over HTTP: aggregate decode tok/s at 1, 2, 4 and 8 concurrent streaming
+requests, a `--parallel 8` server against a one-at-a-time `--exact` server on the same GGUF in
+the same run, and p50 time to first token under that load.
+
+    aggregate tok/s   all streams' tokens / wall time      target at 8 streams: >= 1.8 x 1 stream
+    p50 TTFT          median over the streams               reported
+
+`batch_bench(path, threads)` prints rows in bench.py's format (batched in the first column,
+exact in the second); `python bench/bench_batch.py` runs it alone (`make bench` runs both).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import N_DECODE, ROUNDS, row  # noqa: E402
+
+MODEL_ID = "@localgemma/bench"
+LEVELS = (1, 2, 4, 8)
+
+
+def batch_bench(path: str, threads: int) -> None:
+    results = {}
+    for name, flags in (("batched", ["--parallel", str(max(LEVELS))]), ("exact", ["--exact"])):
+        proc, port = _start(path, threads, flags)
+        try:
+            _load(port, 1)  # warm: first requests pay one-off costs
+            results[name] = {n: _best(port, n) for n in LEVELS}
+        finally:
+            proc.terminate()
+            proc.wait(15)
+    for n in LEVELS:
+        (bt, bf), (et, ef) = results["batched"][n], results["exact"][n]
+        row(f"aggregate tok/s, {n} stream{'s' if n > 1 else ''}", bt, et, "tok/s")
+        row(f"p50 TTFT (ms), {n} stream{'s' if n > 1 else ''}", bf * 1e3, ef * 1e3, "ms", higher_is_better=False)
+    top = max(LEVELS)
+    # ratio column: the speedup over the 1.8x target (>= 1 meets it)
+    row(f"batched x{top} / x1 speedup, vs 1.8", results["batched"][top][0] / results["batched"][1][0], 1.8, "x")
+
+
+def _best(port: int, n: int) -> tuple[float, float]:
+    """Best aggregate tok/s over ROUNDS, with the p50 TTFT of that round."""
+    return max((_load(port, n) for _ in range(ROUNDS)), key=lambda r: r[0])
+
+
+def _load(port: int, n: int) -> tuple[float, float]:
+    out: list = [None] * n
+    start = time.perf_counter()
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, _stream(port, i, start))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(end for _, end, _ in out)
+    return sum(k for _, _, k in out) / wall, statistics.median(first for first, _, _ in out)
+
+
+def _stream(port: int, i: int, start: float) -> tuple[float, float, int]:
+    """(first token, last token) seconds after `start`, and tokens, for one streamed request."""
+    # A different repetition per stream: greedy never stops on it, and no two prompts are equal.
+    body = {"prompt": "la " * (8 + i), "raw": True, "temperature": 0, "max_tokens": N_DECODE, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", f"/client/v4/accounts/bench/ai/run/{MODEL_ID}", body=json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    first = last = None
+    n = 0
+    for line in iter(response.readline, b""):
+        if line.startswith(b'data: {"response":"') and not line.startswith(b'data: {"response":"","usage"'):
+            last = time.perf_counter() - start
+            first = first or last
+            n += 1
+    conn.close()
+    return first, last, n
+
+
+def _start(path: str, threads: int, flags: list[str]) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LOCALGEMMA_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "localgemma.server", "--port", str(port), "--max-queue", "16",
+                             "--model", f"{MODEL_ID}={path}", *flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; run it by hand to see why")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.terminate()
+    raise RuntimeError("the server did not become ready within 120 s")
+
+
+def main() -> None:
+    from localgemma import system
+    from localgemma.models import resolve
+
+    path = str(resolve(None))
+    threads = int(os.environ.get("LOCALGEMMA_THREADS", 0)) or system.physical_cores()
+    print(f"model {os.path.basename(path)}, {threads} threads, best of {ROUNDS} rounds")
+    print(f"{'metric':34} {'batched':>10} {'exact (1 at a time)':>18} {'unit':6} {'ratio':>7}")
+    batch_bench(path, threads)
+
+
+if __name__ == "__main__":
+    main()
