@@ -190,8 +190,8 @@ class Engine:
 
         Generation stops at the model's end-of-generation tokens (Gemma: <end_of_turn>, <eos>)
         and at any token in `stop`; the stopping token is not counted or shown. `adapters` is
-        the LoRA set to apply (none: the bare base); the KV cache never outlives a request, so
-        nothing computed under one adapter set is reused under another.
+        the LoRA set to apply (none: the bare base); switching the set drops every cached
+        prompt slice, so nothing computed under one adapter set is reused under another.
 
         `max_tokens` beyond what the context leaves is clamped (finish reason "length").
         Text never splits a UTF-8 character: bytes wait until their character is whole, and a
