@@ -70,7 +70,7 @@ def runtime_bench(path: str, threads: int) -> None:
     row(f"decode tok/s ({N_DECODE} tokens)", (N_DECODE - 1) / best["od"], (N_DECODE - 1) / best["td"], "tok/s")
     row(f"prefill tok/s ({len(prefill_ids)} tokens)", len(prefill_ids) / best["op"], len(prefill_ids) / best["tp"], "tok/s")
     ours.close()
-    del theirs
+    theirs.close()
 
 
 COLD_OURS = """

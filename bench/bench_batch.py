@@ -14,9 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -24,15 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import N_DECODE, ROUNDS, row  # noqa: E402
+from bench_server import MODEL_ID, start_server  # noqa: E402
 
-MODEL_ID = "@localgemma/bench"
 LEVELS = (1, 2, 4, 8)
 
 
 def batch_bench(path: str, threads: int) -> None:
     results = {}
     for name, flags in (("batched", ["--parallel", str(max(LEVELS))]), ("exact", ["--exact"])):
-        proc, port = _start(path, threads, flags)
+        proc, port = start_server(path, threads, ("--max-queue", "16", *flags))
         try:
             _load(port, 1)  # warm: first requests pay one-off costs
             results[name] = {n: _best(port, n) for n in LEVELS}
@@ -82,30 +80,6 @@ def _stream(port: int, i: int, start: float) -> tuple[float, float, int]:
             n += 1
     conn.close()
     return first, last, n
-
-
-def _start(path: str, threads: int, flags: list[str]) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LOCALGEMMA_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "localgemma.server", "--port", str(port), "--max-queue", "16",
-                             "--model", f"{MODEL_ID}={path}", *flags], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; run it by hand to see why")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.05)
-    proc.terminate()
-    raise RuntimeError("the server did not become ready within 120 s")
 
 
 def main() -> None:

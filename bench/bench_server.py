@@ -28,7 +28,7 @@ REQUEST = {"prompt": DECODE_PROMPT, "raw": True, "temperature": 0, "max_tokens":
 
 def server_bench(path: str, threads: int) -> None:
     os.environ["LOCALGEMMA_THREADS"] = str(threads)  # the in-process engine, like the server's
-    server, port = _start_server(path, threads)
+    server, port = start_server(path, threads)
     try:
         http_run = lambda: _http_stream(port)  # noqa: E731
         local_run = lambda: _local_stream(path)  # noqa: E731
@@ -48,13 +48,14 @@ def server_bench(path: str, threads: int) -> None:
         higher_is_better=False)
 
 
-def _start_server(path: str, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(path: str, threads: int, flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """A `localgemma serve` process for `path` on a free loopback port, once /health says ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "LOCALGEMMA_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "localgemma.server", "--port", str(port),
-                             "--model", f"{MODEL_ID}={path}"], env=env,
+                             "--model", f"{MODEL_ID}={path}", *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
