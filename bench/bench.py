@@ -97,14 +97,20 @@ def cold_start(path: str, threads: int) -> None:
     row("cold start -> first token (s)", ours, theirs, "s", higher_is_better=False)
 
 
-def main() -> None:
+def setup(ours: str, theirs: str) -> tuple[str, int]:
+    """The embedded GGUF and the thread count every section uses, and the table header."""
     from localgemma import system
     from localgemma.models import resolve
 
     path = str(resolve(None))
     threads = int(os.environ.get("LOCALGEMMA_THREADS", 0)) or system.physical_cores()
     print(f"model {os.path.basename(path)}, {threads} threads, best of {ROUNDS} rounds")
-    print(f"{'metric':34} {'localgemma':>10} {'llama-cpp-python':>18} {'unit':6} {'ratio':>7}")
+    print(f"{'metric':34} {ours:>10} {theirs:>18} {'unit':6} {'ratio':>7}")
+    return path, threads
+
+
+def main() -> None:
+    path, threads = setup("localgemma", "llama-cpp-python")
     runtime_bench(path, threads)
     cold_start(path, threads)
     print("-- LoRA (ratio: adapter or merged over base)")

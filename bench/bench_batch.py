@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import statistics
 import sys
 import threading
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import N_DECODE, ROUNDS, row  # noqa: E402
+from bench import N_DECODE, ROUNDS, row, setup  # noqa: E402
 from bench_server import MODEL_ID, start_server  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
@@ -83,14 +82,7 @@ def _stream(port: int, i: int, start: float) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    from localgemma import system
-    from localgemma.models import resolve
-
-    path = str(resolve(None))
-    threads = int(os.environ.get("LOCALGEMMA_THREADS", 0)) or system.physical_cores()
-    print(f"model {os.path.basename(path)}, {threads} threads, best of {ROUNDS} rounds")
-    print(f"{'metric':34} {'batched':>10} {'exact (1 at a time)':>18} {'unit':6} {'ratio':>7}")
-    batch_bench(path, threads)
+    batch_bench(*setup('batched', 'exact (1 at a time)'))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import DECODE_PROMPT, N_DECODE, ROUNDS, row  # noqa: E402
+from bench import DECODE_PROMPT, N_DECODE, ROUNDS, row, setup  # noqa: E402
 
 MODEL_ID = "@localgemma/bench"
 REQUEST = {"prompt": DECODE_PROMPT, "raw": True, "temperature": 0, "max_tokens": N_DECODE, "stream": True}
@@ -114,14 +114,7 @@ def _local_stream(path: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    from localgemma import system
-    from localgemma.models import resolve
-
-    path = str(resolve(None))
-    threads = int(os.environ.get("LOCALGEMMA_THREADS", 0)) or system.physical_cores()
-    print(f"model {os.path.basename(path)}, {threads} threads, best of {ROUNDS} rounds")
-    print(f"{'metric':34} {'HTTP':>10} {'in-process':>18} {'unit':6} {'ratio':>7}")
-    server_bench(path, threads)
+    server_bench(*setup('HTTP', 'in-process'))
 
 
 if __name__ == "__main__":
