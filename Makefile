@@ -4,13 +4,40 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# The llama-cpp-python this environment builds (pyproject.toml states the oldest that works).
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+
+# llama.cpp compiles for this CPU (-march=native), except for AMX: its AMX kernels die with
+# SIGILL on virtual machines that advertise AMX without giving guests working tiles (seen on
+# this project's CI machines; llama.cpp issues #28328, #28756). On other architectures the
+# flags do not exist and nothing is changed. Set CMAKE_ARGS yourself for CUDA, Metal, ...
+# LLAVA_BUILD=OFF: the multimodal library (and llama.cpp's common + HTTP code it pulls in) is
+# never used here, and skipping it halves the build.
+CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+CMAKE_ARGS += -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+endif
+export CMAKE_ARGS
+
+# pip's wheel cache ignores CMAKE_ARGS (a wheel built with other flags would be reused), so the
+# llama-cpp-python wheel is built once into a wheelhouse of its own, keyed by version and flags,
+# and shared by every clone on this machine; the install test reuses it.
+WHEELHOUSE ?= $(HOME)/.cache/localgemma/wheels/$(shell printf '%s %s' '$(LLAMA_CPP_PYTHON)' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+export LOCALGEMMA_WHEELHOUSE := $(WHEELHOUSE)
+
 .PHONY: run test bench clean
 
-# Create the environment once (and again when pyproject.toml changes). llama-cpp-python
-# compiles llama.cpp on first install (about 4 minutes on 2 cores); pip caches the wheel.
-$(STAMP): pyproject.toml
+# llama-cpp-python compiles llama.cpp (about 5-10 minutes on 2 cores, once per machine).
+$(WHEELHOUSE)/.built:
+	mkdir -p $(WHEELHOUSE)
+	$(PYTHON) -m pip wheel --quiet --no-deps --no-cache-dir '$(LLAMA_CPP_PYTHON)' -w $(WHEELHOUSE)
+	touch $@
+
+$(STAMP): pyproject.toml setup.py $(WHEELHOUSE)/.built
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps --no-index --find-links $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)'
 	$(BIN)/python -m pip install --quiet -e '.[server,test]'
 	touch $(STAMP)
 
@@ -29,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_batch.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -23,3 +23,21 @@ def embedded_gguf(_session_home) -> Path:
     from localgemma.models import embedded_path
 
     return embedded_path()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--skip-install", action="store_true",
+                     help="skip the wheel-install test (tests/test_install.py); never allowed in CI")
+
+
+def pytest_configure(config):
+    if config.getoption("--skip-install") and os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        raise pytest.UsageError("--skip-install is for local runs only: CI always runs the install test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--skip-install"):
+        skip = pytest.mark.skip(reason="--skip-install")
+        for item in items:
+            if "install" in item.keywords:
+                item.add_marker(skip)
