@@ -75,6 +75,8 @@ def lora_command(adapter_dir: Path, base: Optional[str], out: Path, max_rank: in
 
     with _user_errors():
         info = peft_to_gguf(adapter_dir, _resolve_base(base), out, max_rank=max_rank)
+    for note in info.notes():
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {info.out_path}: LoRA for {info.architecture}, rank {info.rank}, alpha {info.alpha:g}, "
                f"{', '.join(info.targets)} on {len(info.layers)} layers ({info.n_tensors} tensors), "
                f"sha256 {info.sha256}")

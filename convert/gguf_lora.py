@@ -98,6 +98,10 @@ class BaseModel:
                 f"{self.block_count} blocks, blk.0 .. blk.{self.block_count - 1}); the adapter was "
                 "trained for a different model")
         n_out, n_in = self.shapes[name]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
+            raise ConversionError(
+                f"{origin}: {name} has lora_a {list(a.shape)} and lora_b {list(b.shape)}; expected lora_a [r, {n_in}] "
+                f"and lora_b [{n_out}, r] with the same r >= 1")
         if a.shape[1] != n_in or b.shape[0] != n_out:
             raise ConversionError(
                 f"{origin}: {name} is [{n_out}, {n_in}] (numpy [n_out, n_in]) in the base "
@@ -107,16 +111,23 @@ class BaseModel:
 
 
 def read_base(path: str | Path) -> BaseModel:
-    reader = open_gguf(path)
-    kind = field(reader, "general.type", "model")
-    if kind != "model":
-        raise ConversionError(f"{path} is a GGUF {kind}, not a model; pass the base model's .gguf")
-    arch = field(reader, "general.architecture")
-    if arch not in GEMMA_ARCHS:
-        raise ConversionError(f"{path} is a {arch!r} model; this converter handles Gemma bases "
-                              f"({', '.join(GEMMA_ARCHS)})")
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
-    return BaseModel(Path(path), arch, int(field(reader, f"{arch}.block_count", 0)), shapes)
+    """The base's architecture and tensor shapes, from its header alone (milliseconds, no
+    tokenizer arrays parsed), after the checks that keep llama.cpp from aborting on it."""
+    from ..gguf_header import BadGGUF, check_model, read_header
+    from ..errors import ModelUnavailable
+
+    try:
+        header = read_header(path)
+        if header.get("general.type", "model") != "model":
+            raise ConversionError(f"{path} is a GGUF {header.get('general.type')}, not a model; pass the base model's .gguf")
+        if header.arch not in GEMMA_ARCHS:
+            raise ConversionError(f"{path} is a {header.arch!r} model; this converter handles Gemma bases "
+                                  f"({', '.join(GEMMA_ARCHS)})")
+        check_model(header)
+    except (BadGGUF, ModelUnavailable) as exc:
+        raise ConversionError(exc.message) from None
+    shapes = {t.name: t.shape for t in header.tensors.values()}
+    return BaseModel(Path(path), header.arch, int(header.hparam("block_count")), shapes)
 
 
 def gguf_tensor_name(arch: str, module_path: str, n_blocks: int) -> str | None:
@@ -127,11 +138,15 @@ def gguf_tensor_name(arch: str, module_path: str, n_blocks: int) -> str | None:
     Returns None for modules llama.cpp cannot apply a LoRA to (embeddings, norms, vision).
     """
     path = module_path.replace("language_model.", "")
-    name_map = gguf.get_tensor_name_map(_model_arch(arch), n_blocks)
-    found = name_map.get_type_and_name(f"{path}.weight", try_suffixes=(".weight",))
+    found = _name_map(arch, n_blocks).get_type_and_name(f"{path}.weight", try_suffixes=(".weight",))
     if found is None or found[0] not in _LORA_TENSORS:
         return None
     return found[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: str, n_blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(_model_arch(arch), n_blocks)
 
 
 def _model_arch(arch: str) -> gguf.MODEL_ARCH:
@@ -192,9 +207,13 @@ def read_adapter(path: str | Path) -> GgufAdapter:
         if f"{base}.lora_b" not in tensors:
             raise ConversionError(f"{path} has {name} but no {base}.lora_b")
         a, b = (_as_f32(tensors[f"{base}.lora_{x}"]) for x in "ab")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise ConversionError(f"{path}: {base} holds NaN or infinite values; the adapter is corrupt")
         pairs[base] = (a, b)
-    return GgufAdapter(Path(path), field(reader, "general.architecture"),
-                       float(field(reader, gguf.Keys.Adapter.LORA_ALPHA, 0.0)), pairs)
+    alpha = field(reader, gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    if not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
+        raise ConversionError(f"{path}: adapter.lora.alpha is {alpha!r}; expected a finite number")
+    return GgufAdapter(Path(path), field(reader, "general.architecture"), float(alpha), pairs)
 
 
 def _as_f32(tensor) -> np.ndarray:

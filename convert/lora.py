@@ -25,6 +25,15 @@ class AdapterInfo:
     architecture: str  # general.architecture, copied from the base
     out_path: Path
     sha256: str
+    skipped: tuple[str, ...] = ()  # vision-tower modules left out: they never act on text
+
+    def notes(self) -> list[str]:
+        """What a person should know about the conversion beyond its success."""
+        if not self.skipped:
+            return []
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in self.skipped})
+        return [f"left out {len(self.skipped)} vision-tower modules ({', '.join(kinds)}; e.g. {self.skipped[0]}): "
+                "they adapt the image encoder, which never runs on text-only requests"]
 
 
 def peft_to_gguf(adapter_dir: str | Path, base_gguf: str | Path, out_path: str | Path, *,
@@ -39,6 +48,10 @@ def peft_to_gguf(adapter_dir: str | Path, base_gguf: str | Path, out_path: str |
     named = _gguf_names(adapter.modules, base, origin=str(adapter.folder))
     alpha = _file_alpha(adapter.modules)
     pairs = [(name, m.a, _fold_scale(m, alpha)) for name, m in named]
+    for name, _, b in pairs:
+        if not np.isfinite(b).all():
+            raise ConversionError(f"{adapter.folder}: {name}'s lora_B overflows float32 once PEFT's scale is folded "
+                                  "in; check lora_alpha / alpha_pattern")
     with atomic_output(out) as tmp:
         write_adapter(tmp, base.arch, alpha, pairs)
         digest = sha256(tmp)
@@ -51,6 +64,7 @@ def peft_to_gguf(adapter_dir: str | Path, base_gguf: str | Path, out_path: str |
         architecture=base.arch,
         out_path=out,
         sha256=digest,
+        skipped=adapter.skipped,
     )
 
 
@@ -58,6 +72,10 @@ def _gguf_names(modules: tuple[LoraModule, ...], base: BaseModel, origin: str) -
     """Each module's GGUF weight name, checked against the base's shapes, in the base's order."""
     layers = [int(m) for mod in modules for m in re.findall(r"\.layers\.(\d+)\.", mod.path)]
     n_blocks = max([base.block_count, *(n + 1 for n in layers)])
+    if n_blocks > base.block_count + 64:  # naming that many blocks would take minutes, to refuse anyway
+        raise ConversionError(f"{origin} adapts layer {n_blocks - 1}, but the base {base.path.name} has "
+                              f"{base.block_count} blocks (blk.0 .. blk.{base.block_count - 1}); the adapter was "
+                              "trained for a different model")
     named = []
     for module in modules:
         name = gguf_tensor_name(base.arch, module.path, n_blocks)

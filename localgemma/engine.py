@@ -80,13 +80,21 @@ class Engine:
         n_ctx: Optional[int] = None,
         n_threads: Optional[int] = None,
         n_batch: int = DEFAULT_N_BATCH,
+        probe: bool = True,
     ):
+        """`probe`: check the file's header and, once per file, load it in a child process
+        first (localgemma.probe), so a file llama.cpp would abort on cannot end this process.
+        Only files this process made itself skip it."""
         self.path = Path(path)
+        self._model = self._ctx = None
+        if probe:
+            from .probe import ensure_loadable
+
+            ensure_loadable(self.path)
         check_memory(self.path)
         _init_backend()
         self.n_threads = n_threads or system.physical_cores()
         self._lock = threading.Lock()
-        self._model = self._ctx = None
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # pages shared with the OS cache

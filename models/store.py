@@ -63,7 +63,7 @@ def bind(model_id: str, path: str | os.PathLike, *, persist: bool = True) -> Pat
         return target
     table = _saved_bindings()
     table[model_id] = str(target)
-    _atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
+    atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
     return target
 
 
@@ -74,7 +74,7 @@ def unbind(model_id: str) -> None:
     if model_id not in table:
         raise UnknownModel(f"{model_id!r} is not bound to a file; bound ids: {', '.join(table) or 'none'}")
     del table[model_id]
-    _atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
+    atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
 
 
 def resolve(model: Optional[str], *, download: bool = True) -> Path:
@@ -114,6 +114,9 @@ def embedded_path() -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    from ..probe import trust
+
+    trust(target)  # its sha256 is the package's: no need to probe it in a child process
     return target
 
 
@@ -169,12 +172,16 @@ def _check_gguf(path: Path, *, what: str) -> Path:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _sha256(path: Path) -> str:
