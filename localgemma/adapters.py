@@ -25,6 +25,13 @@ class AdapterMismatch(LocalGemmaError):
     """The adapter was made for another base model (llama.cpp refused its tensors)."""
 
 
+class AdapterGone(LocalGemmaError):
+    """The adapter's file disappeared between lookup and load (deleted or replaced meanwhile)."""
+
+    code = 3037
+    status = 404
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     """A request's adapter: which GGUF file, at which scale. Travels with the sampling params."""
@@ -52,6 +59,10 @@ class AdapterCache:
         if entry is not None:
             self._loaded.move_to_end(path)
             return entry.handle
+        self._drop_stale()
+        if not os.path.isfile(path):
+            raise AdapterGone(f"the adapter file {Path(path).name} is gone (its finetune was deleted or replaced); "
+                              "send the request again")
         handle = llama_cpp.llama_adapter_lora_init(self._model, path.encode())
         if not handle:
             raise AdapterMismatch(
@@ -62,6 +73,13 @@ class AdapterCache:
         self._loaded[path] = _Loaded(handle, os.path.getsize(path))
         self._evict(keep | {path})
         return handle
+
+    def _drop_stale(self) -> None:
+        """Free adapters whose file is gone: a finetune re-uploaded or deleted gets a new path
+        (finetunes.py), so its old handle will never be asked for again."""
+        active = {id(h) for h, _ in self._active}
+        for path in [p for p, e in self._loaded.items() if id(e.handle) not in active and not os.path.exists(p)]:
+            llama_cpp.llama_adapter_lora_free(self._loaded.pop(path).handle)
 
     def _evict(self, keep: frozenset) -> None:
         """Free least-recently-used adapters until the budget holds (never one being asked for,
