@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .contract import PromptInputs
+from .contract import PromptInputs, strict_json
 from .errors import LocalGemmaError
 
 # Sampling options are generated from the contract, so bounds and help live in one place.
@@ -32,13 +32,19 @@ def sampling_options(fn):
 
 
 class _Group(click.Group):
-    """Every LocalGemmaError becomes one readable line and exit status 1."""
+    """Every LocalGemmaError becomes one readable line and exit status 1; so does anything
+    unforeseen (never a traceback), marked as the bug it is."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LocalGemmaError as exc:
             raise click.ClickException(exc.message) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            raise click.ClickException(f"internal error ({type(exc).__name__}: {exc}); this is a bug in localgemma, "
+                                       "please report it with the command that caused it") from None
 
 
 @click.group(cls=_Group)
@@ -88,7 +94,7 @@ def _read_inputs(fh) -> dict[str, Any]:
     if fh is None:
         return {}
     try:
-        data = json.load(fh)
+        data = strict_json(fh.read())
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON ({exc})", param_hint="--input") from None
     if not isinstance(data, dict):
@@ -251,7 +257,10 @@ def finetune_create(model, name, folder, description):
     """Validate and convert the PEFT adapter in FOLDER for MODEL; prints the new id."""
     from . import finetunes
 
-    click.echo(finetunes.create(model, name, folder, description).id)
+    entry = finetunes.create(model, name, folder, description)
+    for note in entry.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(entry.id)
 
 
 @finetune.command("list")

@@ -11,6 +11,12 @@ Greedy decoding is exactly greedy-under-the-grammar: if any allowed token is amo
 best, the best allowed token is. With temperature, tokens ranked below 256 are not drawn
 unless nothing above them is allowed -- a truncation far past any top_k the contract allows
 (at most 50), documented in the README.
+
+Accepting a token the grammar forbids makes llama.cpp throw across the C API, which ends the
+process. Extreme but valid settings (a temperature of 1e-39, a repetition penalty of 1e-40)
+overflow scores to inf and NaN, and a draw over NaN can land anywhere. So scores are kept
+finite between the stages, and a draw that lands on a forbidden token is replaced by the best
+allowed one: the grammar holds whatever the samplers do.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 
 SHORTLIST = 256
 STAGES = (SHORTLIST, 4096, 32768, 1 << 62)  # each a ~10x wider look when the last found nothing
+_BIG = np.float32(np.finfo(np.float32).max / 4)  # finite, with headroom for a later division
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 assert TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
 
@@ -40,6 +47,7 @@ class ConstrainedSampler:
         full = self._full
         full["id"], full["logit"], full["p"] = self._ids, logits, 0.0
         self._apply(self.pre, full)  # penalties see the whole vocabulary, as in the plain chain
+        _finite(full["logit"])
         for size in STAGES:  # widen only while the grammar allows none of the best `size`
             if size >= self.n_vocab:
                 candidates = full
@@ -47,10 +55,15 @@ class ConstrainedSampler:
                 top = np.argpartition(full["logit"], -size)[-size:]
                 candidates = full[top[np.argsort(full["logit"][top])[::-1]]]
             self._apply(self.grammar, candidates)
-            if np.isfinite(candidates["logit"]).any():
+            allowed = candidates["logit"] > -np.inf  # the grammar marks what it forbids with -inf
+            if allowed.any():
                 break
+        ids, scores = candidates["id"][allowed], candidates["logit"][allowed]  # copies: `post` reorders
+        _finite(candidates["logit"])
         chosen = self._apply(self.post, candidates)
-        token = int(candidates["id"][chosen])
+        token = int(candidates["id"][chosen]) if 0 <= chosen < len(candidates) else -1
+        if token not in ids:
+            token = int(ids[np.argmax(scores)])  # the draw went astray: the best allowed token
         for smpl in (self.pre, self.grammar, self.post):
             llama_cpp.llama_sampler_accept(smpl, token)
         return token
@@ -65,3 +78,10 @@ class ConstrainedSampler:
     def free(self) -> None:
         for smpl in (self.pre, self.grammar, self.post):
             llama_cpp.llama_sampler_free(smpl)
+
+
+def _finite(logits: np.ndarray) -> None:
+    """In place: NaN -> -inf (never drawn), +-inf and huge values -> a finite bound, so the
+    next stage's arithmetic (temperature, softmax) stays finite. -inf stays: it means forbidden."""
+    np.nan_to_num(logits, copy=False, nan=-np.inf, posinf=_BIG, neginf=-np.inf)
+    np.clip(logits, -_BIG, _BIG, out=logits, where=logits > -np.inf)

@@ -7,6 +7,7 @@ the HTTP server all validate through `parse_inputs`. Unknown fields are refused 
 from __future__ import annotations
 
 import difflib
+import json
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -134,6 +135,19 @@ def parse_inputs(data: Any) -> Inputs:
         return shape.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(describe(exc, shape)) from None
+
+
+def strict_json(text: str | bytes) -> Any:
+    """json.loads, strictly: NaN and Infinity are not JSON (and poison every number they
+    reach), and nesting too deep for the parser is malformed input, not a RecursionError.
+    Everything not plain JSON raises json.JSONDecodeError."""
+    def refuse(constant: str) -> Any:
+        raise json.JSONDecodeError(f"{constant} is not a JSON number; send finite numbers", constant, 0)
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply (send at most a few hundred levels)", "", 0) from None
 
 
 def describe(exc: ValidationError, shape: type[BaseModel] | None = None) -> str:

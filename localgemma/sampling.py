@@ -21,6 +21,12 @@ U32 = 0xFFFFFFFF
 # are never `accept`ed into the chain). -1 means "the whole context"; `build` turns it into
 # the context size, because llama.cpp's sampler clamps a negative window to 0 (= off).
 PENALTY_WINDOW = -1
+# Below these, float32 arithmetic breaks: logits divided by a temperature of 1e-39 (or a
+# repetition penalty of 1e-40) overflow to inf, and a draw over inf/NaN scores is garbage.
+# A temperature this small is greedy in the limit, so it is greedy; a penalty this small
+# acts as the smallest one that stays finite.
+GREEDY_BELOW = 1e-6
+MIN_PENALTY = 1e-6
 
 
 @dataclass(frozen=True)
@@ -72,12 +78,12 @@ def plan(params: SamplingParams) -> list[tuple]:
     if params.grammar is not None:
         steps.append(("grammar", params.grammar))
     repeat = params.repetition_penalty
-    repeat = 1.0 if repeat in (None, 0) else repeat  # 0 would divide logits by zero: off
+    repeat = 1.0 if repeat in (None, 0) else max(repeat, MIN_PENALTY)  # 0 would divide logits by zero: off
     freq = params.frequency_penalty or 0.0
     present = params.presence_penalty or 0.0
     if repeat != 1.0 or freq or present:
         steps.append(("penalties", PENALTY_WINDOW, repeat, freq, present))
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         steps.append(("greedy",))
         return steps
     if params.top_k is not None:
@@ -128,7 +134,10 @@ def _init(name: str, args, vocab, n_vocab: int, n_ctx: int):
     if name == "grammar":
         smpl = llama_cpp.llama_sampler_init_grammar(vocab, args[0].encode(), b"root")
         if not smpl:
-            raise ValueError("llama.cpp rejected the grammar")
+            from .errors import InvalidInput
+
+            raise InvalidInput("response_format: llama.cpp's grammar parser refused the grammar made from this "
+                               "schema (too many repetitions combined?); simplify the schema")
         return smpl
     if name == "penalties":
         window, *strengths = args

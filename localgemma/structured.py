@@ -9,11 +9,17 @@ instead of producing output that fails validation.
 
 One rewrite widens what it enforces without writing grammar ourselves: an integer with both
 bounds and at most 256 values becomes the equivalent `enum`.
+
+Limits keep a valid schema from taking the server down: the converter recurses once per level
+of nesting, and writes `maxLength: n` / `maxItems: n` as n nested optional groups, which
+llama.cpp's grammar parser walks recursively (n = 30,000 overflowed the C stack; above 1000
+it refuses the grammar).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Optional
 
 from .errors import InvalidInput, LocalGemmaError
@@ -23,6 +29,11 @@ ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", 
 FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 MAX_ENUM_RANGE = 256
+MAX_DEPTH = 64  # nested JSON containers (an object property is two: "properties", then its schema)
+# minLength / maxLength / minItems / maxItems: the converter spells `maxLength: n` out as n
+# nested optional groups; llama.cpp's grammar parser refuses more than 1000 (measured).
+MAX_REPEAT = 1000
+_REPEATS = ("minLength", "maxLength", "minItems", "maxItems")
 
 
 class StructuredOutputError(LocalGemmaError):
@@ -43,18 +54,44 @@ def schema_of(response_format) -> dict:
     return spec
 
 
-def grammar_for(schema: dict) -> str:
+def check(schema: Any, where: str = "response_format", depth: int = 0) -> dict:
+    """The schema as the converter will see it (small integer ranges rewritten to enums), or
+    InvalidInput listing every part the grammar cannot enforce. The one gate for both
+    response_format and tool parameters. `depth`: levels the caller nests it under."""
+    problems = _limits(schema, depth)
+    if not problems:
+        schema = _rewrite(schema)
+        problems = unenforceable(schema)
+    if problems:
+        raise InvalidInput(f"{where}: the grammar cannot enforce " + "; ".join(problems))
+    return schema
+
+
+def grammar_for(schema: dict, where: str = "response_format") -> str:
     """A GBNF grammar whose every sentence validates against `schema` (or InvalidInput)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    schema = _rewrite(schema)
-    problems = unenforceable(schema)
-    if problems:
-        raise InvalidInput("response_format: the grammar cannot enforce " + "; ".join(problems))
+    schema = check(schema, where)
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return _json_strings(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:  # the converter asserts and raises on what it does not know
-        raise InvalidInput(f"response_format: llama.cpp's schema converter refused the schema ({exc})") from None
+        raise InvalidInput(f"{where}: llama.cpp's schema converter refused the schema ({exc})") from None
+
+
+# llama-cpp-python's port of the converter lets raw control characters into JSON strings (its
+# `char` rule is [^"\\]; llama.cpp's C++ converter has [^"\\\x7F\x00-\x1F]), and a pattern's "."
+# into quotes and backslashes: output a JSON parser rejects ("Invalid control character").
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F]'
+_STRING_RULES = {"char ::= ": (r'[^"\\]', _JSON_CHAR), "dot ::= ": (r"[^\x0A\x0D]", _JSON_CHAR)}
+
+
+def _json_strings(gbnf: str) -> str:
+    lines = gbnf.splitlines()
+    for i, line in enumerate(lines):
+        for head, (loose, strict) in _STRING_RULES.items():
+            if line.startswith(head):
+                lines[i] = line.replace(loose, strict, 1)
+    return "\n".join(lines) + "\n"
 
 
 def parse(text: str, schema: dict, finish_reason: str, max_tokens: int) -> Any:
@@ -75,6 +112,36 @@ def parse(text: str, schema: dict, finish_reason: str, max_tokens: int) -> Any:
     except jsonschema.ValidationError as exc:
         raise StructuredOutputError(f"response_format: output failed validation ({exc.message})") from None
     return value
+
+
+# -- limits (checked iteratively, before anything recurses) ---------------------------------
+
+def _limits(schema: Any, depth: int = 0) -> list[str]:
+    """Depth, repetition counts, empty choices, NUL in patterns and non-finite numbers."""
+    problems: list[str] = []
+    stack = [("$", schema, depth)]
+    while stack and len(problems) < 10:
+        path, node, level = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            problems.append(f"{path}: {node} (not a JSON number)")
+        if isinstance(node, (dict, list)) and level > MAX_DEPTH:
+            problems.append(f"{path}: nested more than {MAX_DEPTH} levels deep")
+            continue
+        if isinstance(node, list):
+            stack += [(f"{path}[{i}]", v, level + 1) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            continue
+        for key in _REPEATS:
+            value = node.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_REPEAT:
+                problems.append(f"{path}: {key} {value} (at most {MAX_REPEAT} can be enforced; lower it or leave it out)")
+        for key in ("enum", "anyOf"):
+            if key in node and (not isinstance(node[key], list) or not node[key]):
+                problems.append(f"{path}: {key} {json.dumps(node[key])} (must be a non-empty list: nothing could match)")
+        if "pattern" in node and (not isinstance(node["pattern"], str) or "\x00" in node["pattern"]):
+            problems.append(f"{path}: pattern {node['pattern']!r} (must be a regular expression without NUL)")
+        stack += [(f"{path}.{key}", value, level + 1) for key, value in node.items()]
+    return problems
 
 
 # -- what the converter enforces ------------------------------------------------------------

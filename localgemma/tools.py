@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import InvalidInput
-from .structured import StructuredOutputError, grammar_for, unenforceable
+from . import structured
+from .structured import StructuredOutputError, grammar_for
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -54,9 +55,8 @@ def tools_of(inputs) -> list[Tool]:
         if tool.parameters.get("type", "object") != "object":
             raise InvalidInput(f"{where}.parameters.type: {tool.parameters.get('type')!r}; tool parameters must be "
                                f"an object schema ({{\"type\": \"object\", \"properties\": ...}})")
-        problems = unenforceable(tool.parameters, "$")
-        if problems:
-            raise InvalidInput(f"{where}.parameters ({tool.name}): the grammar cannot enforce " + "; ".join(problems))
+        # The same gate as response_format; nested two levels deep in the call schema.
+        structured.check(tool.parameters, f"{where}.parameters ({tool.name})", depth=2)
     return found
 
 
@@ -94,7 +94,7 @@ def grammar(tools: list[Tool], mode: str, name: Optional[str]) -> Optional[str]:
     if mode == "none":
         return None
     chosen = [t for t in tools if t.name == name] if mode == "function" else tools
-    call = grammar_for(call_schema(chosen))
+    call = grammar_for(call_schema(chosen), "tools")
     if mode in ("required", "function"):
         return call
     # auto: rename the converter's root to `call`, then offer text as the alternative.

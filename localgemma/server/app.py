@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from localgemma import __version__
 
 from . import errors, openai_shim, workers_ai
-from .middleware import BearerAuth, BodyLimit
+from .middleware import BearerAuth, BodyLimit, Guard
 from .queue import Scheduler
 from .settings import Settings
 
@@ -35,8 +35,12 @@ class Preloader:
         self._thread.start()
 
     def _load(self) -> None:
-        from localgemma import runtime
+        from localgemma import finetunes, runtime
 
+        try:
+            finetunes.sweep()  # what a killed process left in the registry
+        except OSError as exc:
+            log.warning("could not clean the finetune registry: %s", exc)
         for model in self.state:
             try:
                 runtime.get_engine(model)
@@ -59,16 +63,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     for model_id, path in settings.models.items():
         bind(model_id, path, persist=False)  # this process only; refuses a missing or non-GGUF file
-    app = FastAPI(title="localgemma", version=__version__, lifespan=_lifespan,
+    app = FastAPI(title="localgemma", version=__version__, lifespan=_lifespan, redirect_slashes=False,
                   description="Workers AI's LoRA Gemma models, served locally; and an OpenAI-style shim.")
     app.state.settings = settings
     app.state.scheduler = Scheduler(settings.max_queue, slots=settings.slots)
     app.state.preloader = Preloader(settings.served_models if settings.preload else [])
     errors.install(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, idle=settings.body_timeout,
                        larger=[(workers_ai.ASSETS_PATH, settings.max_asset_bytes)])
     if settings.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.api_key)  # added last: runs first
+        app.add_middleware(BearerAuth, api_key=settings.api_key)
+    app.add_middleware(Guard)  # added last: runs first
     app.include_router(workers_ai.make_router())
     app.include_router(openai_shim.make_router())
     app.add_api_route("/health", health, methods=["GET"], tags=["Operations"])

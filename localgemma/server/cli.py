@@ -9,8 +9,8 @@ import click
 
 from localgemma.errors import LocalGemmaError
 
-from .settings import (DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, Settings,
-                       parse_model_flag)
+from .settings import (DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE,
+                       DEFAULT_PARALLEL, DEFAULT_PORT, Settings, parse_model_flag)
 
 
 @click.command("serve")
@@ -37,18 +37,25 @@ from .settings import (DEFAULT_HOST, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_QUEUE, DEF
 @click.option("--max-body-mb", default=DEFAULT_MAX_BODY_MB, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Largest request body (MiB); bigger ones get 413. Finetune uploads have the registry's own cap.")
-def serve(host, port, models, api_key, max_queue, parallel, batch_ctx, exact, max_body_mb):
+@click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, show_default=True, type=click.IntRange(min=1),
+              help="Open connections at most; more get 503 at once.")
+def serve(host, port, models, api_key, max_queue, parallel, batch_ctx, exact, max_body_mb, max_connections):
     """Serve Workers AI's REST API (/client/v4/accounts/ID/ai/...) and an OpenAI-style API (/v1)."""
     import uvicorn
 
     from .app import create_app
+    from .protocol import guarded_protocol
+
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the key is empty, which would leave the server open to anyone; give a key, or "
+                                 "leave --api-key (and LOCALGEMMA_API_KEY) out to run without one", param_hint="--api-key")
 
     try:
         bound = dict(parse_model_flag(m) for m in models)
     except ValueError as exc:
         raise click.BadParameter(str(exc).removeprefix("--model: "), param_hint="--model") from None
-    settings = Settings(host=host, port=port, models=bound, api_key=api_key or None,
-                        max_queue=max_queue, parallel=parallel, exact=exact, max_body_mb=max_body_mb)
+    settings = Settings(host=host, port=port, models=bound, api_key=api_key, max_queue=max_queue, parallel=parallel,
+                        exact=exact, max_body_mb=max_body_mb, max_connections=max_connections)
     try:
         app = create_app(settings)
     except LocalGemmaError as exc:
@@ -65,7 +72,8 @@ def serve(host, port, models, api_key, max_queue, parallel, batch_ctx, exact, ma
     # process is surely the server's, not in create_app, which tests build in their own process.
     # Seeded requests still run alone and repeat exactly (localgemma.batching).
     runtime.configure(batching=not exact, exact=False, parallel=parallel, ctx=batch_ctx)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                http=guarded_protocol(settings.header_timeout, settings.max_connections))
 
 
 def _is_loopback(host: str) -> bool:

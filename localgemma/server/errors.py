@@ -75,11 +75,19 @@ def is_openai(scope: Scope) -> bool:
 
 def render(scope: Scope, exc: LocalGemmaError) -> JSONResponse:
     """The error in the shape of the surface `scope` belongs to."""
+    exc.message = public_text(exc.message)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     if not is_openai(scope):
         return JSONResponse(envelope_body(exc), status_code=exc.status, headers=headers)
     status = 404 if isinstance(exc, UnknownModel) else exc.status  # OpenAI's model_not_found is a 404
     return JSONResponse(openai_body(exc), status_code=status, headers=headers)
+
+
+def public_text(message: str) -> str:
+    """Where this server keeps its data is nobody's business over HTTP."""
+    from localgemma.models import home
+
+    return message.replace(str(home()), "$LOCALGEMMA_HOME")
 
 
 def envelope_body(exc: LocalGemmaError) -> dict[str, Any]:
@@ -170,11 +178,8 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException):
         return render(request.scope, http_error(exc.status_code, _http_detail(request, exc)))
 
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render(request.scope, ApiError(f"internal server error ({type(exc).__name__}); see the server log",
-                                              code=INTERNAL_CODE, status=500))
+    # Anything else is answered by middleware.Guard, which (unlike an exception handler
+    # for Exception, which Starlette re-raises after answering) keeps the connection open.
 
 
 def _http_detail(request: Request, exc: HTTPException) -> str:

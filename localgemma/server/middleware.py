@@ -1,7 +1,10 @@
-"""Two plain ASGI middlewares that run before anything reads a body, on every route:
+"""Plain ASGI middlewares that run before anything reads a body, on every route:
 
+- `Guard` (outermost): every failure becomes an answer in the API's own shape, never a closed
+  connection; `/path/` is served as `/path` (no 307 redirect with an empty body).
 - `BearerAuth` (`--api-key`): every route but /health wants `Authorization: Bearer KEY`.
-- `BodyLimit` (`--max-body-mb`): a body over the limit gets 413 (code 3006).
+- `BodyLimit` (`--max-body-mb`): a body over the limit gets 413 (code 3006); a body that stops
+  arriving for `idle` seconds gets 408 (code 3007).
 
 Why not Starlette's/FastAPI's own `max_body_size`: when Content-Length is over the limit it
 replaces whatever response the app sends with a plain-text "Content Too Large", so the
@@ -11,17 +14,49 @@ error could not be in the Workers AI envelope or OpenAI's shape.
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 from typing import Optional, Sequence
+
+import anyio
 
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError, Unauthorized, is_openai, render
+from .errors import INTERNAL_CODE, ApiError, Unauthorized, is_openai, render
 
 OPEN_PATHS = frozenset({"/health"})
+log = logging.getLogger("localgemma.server")
+
+
+class Guard:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/", "raw_path": scope.get("raw_path", b"").rstrip(b"/")}
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:  # noqa: BLE001 - the last line: answer, log, keep the connection
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                error = ApiError(f"internal server error ({type(exc).__name__}); see the server log",
+                                 code=INTERNAL_CODE, status=500)
+                await render(scope, error)(scope, receive, send)
 
 
 class BearerAuth:
@@ -52,9 +87,10 @@ class BearerAuth:
 class BodyLimit:
     """`limit` bytes per request body; paths matching a pattern in `larger` get that one's."""
 
-    def __init__(self, app: ASGIApp, limit: int, larger: Sequence[tuple[str, int]] = ()):
+    def __init__(self, app: ASGIApp, limit: int, larger: Sequence[tuple[str, int]] = (), idle: float = 30.0):
         self.app = app
         self.limit = limit
+        self.idle = idle
         self.larger = [(re.compile(pattern), size) for pattern, size in larger]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,7 +103,7 @@ class BodyLimit:
             # Refused before a byte of it is read.
             await render(scope, too_large(limit))(scope, receive, send)
             return
-        await self.app(scope, _counting(receive, limit), send)
+        await self.app(scope, _counting(receive, limit, self.idle), send)
 
 
 def too_large(limit: int) -> ApiError:
@@ -82,17 +118,31 @@ class TooLarge(HTTPException):
         super().__init__(413, too_large(limit).message)
 
 
-def _counting(receive: Receive, limit: int) -> Receive:
-    """A chunked body has no Content-Length: count it as it arrives."""
-    seen = 0
+class BodyTimeout(HTTPException):
+    def __init__(self, idle: float):
+        super().__init__(408, f"the request body stopped arriving: nothing for {idle:g} s; send the whole body")
+
+
+def _counting(receive: Receive, limit: int, idle: float) -> Receive:
+    """A chunked body has no Content-Length: count it as it arrives. While the body is
+    incomplete each read waits at most `idle` seconds; after it, reads only wait for the
+    client to leave (the disconnect watch), for as long as the answer takes."""
+    seen, complete = 0, False
 
     async def limited() -> Message:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, complete
+        if complete:
+            return await receive()
+        try:
+            with anyio.fail_after(idle):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(idle) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise TooLarge(limit)
+            complete = not message.get("more_body", False)
         return message
 
     return limited

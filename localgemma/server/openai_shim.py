@@ -25,6 +25,7 @@ from localgemma.contract import Inputs, parse_inputs
 from localgemma.errors import LocalGemmaError, UnknownModel
 
 from .errors import INTERNAL_CODE, ApiError, Unsupported, openai_body
+from .jsonbody import StrictRoute
 from .openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest, _Common
 from .queue import Job
 from .settings import Settings
@@ -33,7 +34,7 @@ from .workers_ai import check_model
 
 
 def make_router() -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["OpenAI"])
+    router = APIRouter(prefix="/v1", tags=["OpenAI"], route_class=StrictRoute)
     router.add_api_route("/models", list_models, methods=["GET"])
     router.add_api_route("/models/{model:path}", show_model, methods=["GET"])
     router.add_api_route("/chat/completions", chat_completions, methods=["POST"])
@@ -292,7 +293,7 @@ async def _model_cards(settings: Settings) -> list[dict[str, Any]]:
     cards = [{"id": m, "object": "model", "created": 0, "owned_by": "localgemma"} for m in served]
     for e in entries:
         if e.status == "ready" and e.model in served:
-            cards.append({"id": f"{e.model}:{e.name}", "object": "model", "created": _epoch(e.created),
+            cards.append({"id": f"{e.model}:{e.name}", "object": "model", "created": _epoch(e.created_at),
                           "owned_by": "localgemma", "parent": e.model})
     return cards
 
@@ -301,6 +302,6 @@ def _epoch(iso: str) -> int:
     from datetime import datetime
 
     try:
-        return int(datetime.fromisoformat(iso).timestamp())
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
     except ValueError:
         return 0

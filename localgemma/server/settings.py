@@ -12,6 +12,9 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 8
 DEFAULT_PARALLEL = 4  # requests decoded together per model (localgemma.batching)
 DEFAULT_MAX_BODY_MB = 10.0
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for a request line and headers to arrive
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds a body may stall between chunks
+DEFAULT_MAX_CONNECTIONS = 256  # open connections; more get 503 at once
 # Finetune asset uploads carry whole adapter files: they get the registry's own size cap
 # (plus room for the multipart framing) instead of the run routes' body limit.
 MULTIPART_SLACK = 2**20
@@ -31,6 +34,11 @@ class Settings:
     # one request at a time, every answer exactly the solo one (no batching)
     exact: bool = False
     max_body_mb: float = DEFAULT_MAX_BODY_MB
+    header_timeout: float = field(default_factory=lambda: float(os.environ.get("LOCALGEMMA_HEADER_TIMEOUT",
+                                                                                DEFAULT_HEADER_TIMEOUT)))
+    body_timeout: float = field(default_factory=lambda: float(os.environ.get("LOCALGEMMA_BODY_TIMEOUT",
+                                                                              DEFAULT_BODY_TIMEOUT)))
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     preload: bool = True
     # exposes GET /debug/jobs (per-request generation counters) for tests and benchmarks
     debug: bool = field(default_factory=lambda: os.environ.get("LOCALGEMMA_SERVER_DEBUG") == "1")

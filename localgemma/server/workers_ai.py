@@ -13,7 +13,6 @@ The account id is accepted and ignored: there is one registry per $LOCALGEMMA_HO
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Annotated, Any, AsyncIterator
 
@@ -26,6 +25,7 @@ from localgemma.contract import describe, parse_inputs
 from localgemma.errors import InvalidInput, LocalGemmaError, UnknownModel
 
 from .errors import INTERNAL_CODE, ApiError
+from .jsonbody import StrictRoute, parse_json
 from .queue import Job
 from .sse import DONE, begin, event, event_response
 
@@ -35,8 +35,9 @@ PREFIX = "/client/v4/accounts/{account_id}/ai"
 ASSETS_PATH = r"/ai/finetunes/[^/]+/finetune-assets$"  # uploads get the registry's size cap, not --max-body-mb
 
 
-def success(result: Any) -> dict[str, Any]:
-    return {"result": result, "success": True, "errors": [], "messages": []}
+def success(result: Any, notes: tuple[str, ...] = ()) -> dict[str, Any]:
+    messages = [{"code": 1000, "message": note} for note in notes]
+    return {"result": result, "success": True, "errors": [], "messages": messages}
 
 
 async def read_json(request: Request) -> Any:
@@ -45,13 +46,7 @@ async def read_json(request: Request) -> Any:
     body = await request.body()
     if not body.strip():
         raise ApiError("request body is empty; send a JSON object, e.g. {\"prompt\": \"hello\"}", code=3003)
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise ApiError("malformed JSON body: it is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}; "
-                       "send one JSON object") from None
+    return parse_json(body)
 
 
 def check_model(model: str) -> str:
@@ -67,7 +62,7 @@ def check_model(model: str) -> str:
 
 
 def make_router() -> APIRouter:
-    router = APIRouter(prefix=PREFIX, tags=["Workers AI"])
+    router = APIRouter(prefix=PREFIX, tags=["Workers AI"], route_class=StrictRoute)
     router.add_api_route("/run/{model:path}", run_model, methods=["POST"])
     router.add_api_route("/finetunes", list_finetunes, methods=["GET"])
     router.add_api_route("/finetunes", create_finetune, methods=["POST"])
@@ -145,7 +140,7 @@ async def upload_asset(account_id: str, id_or_name: str,
     """Once per file; the finetune is converted and usable when both are in."""
     data = await file.read()
     entry = await anyio.to_thread.run_sync(finetunes.add_asset, id_or_name, file_name, data)
-    return success(public(entry))
+    return success(public(entry), entry.notes)
 
 
 async def delete_finetune(account_id: str, id_or_name: str):
