@@ -201,6 +201,12 @@ def _rewrite_header(folder: Path, edit) -> None:
     (folder / _ST).write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
 
 
+def _to_vision_tower(header: dict) -> None:
+    """Every matrix renamed into the image encoder: nothing is left for text."""
+    for key in [k for k in header if k != "__metadata__"]:
+        header[key.replace("model.layers", "model.vision_tower.vision_model.encoder.layers")] = header.pop(key)
+
+
 def _shift_offsets(header: dict) -> None:
     last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
     header[last]["data_offsets"] = [o + 4096 for o in header[last]["data_offsets"]]
@@ -228,10 +234,7 @@ REFUSALS = {
     "norm weights": (lambda f: _add_tensors(f, {
         "base_model.model.model.layers.0.input_layernorm.lora_A.weight": np.ones((8, 640)),
         "base_model.model.model.layers.0.input_layernorm.lora_B.weight": np.ones((640, 8))}), ["input_layernorm"]),
-    "vision tower": (lambda f: _add_tensors(f, {
-        "base_model.model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": np.ones((8, 1152)),
-        "base_model.model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": np.ones((1152, 8))}),
-        ["vision_tower", "text decoder"]),
+    "vision-tower only": (lambda f: _rewrite_header(f, _to_vision_tower), ["no LoRA matrices for the text model"]),
     "shape mismatch": (lambda f: _add_tensors(f, {
         f"{_Q0}.lora_A.weight": np.ones((8, 2048)), f"{_Q0}.lora_B.weight": np.ones((1024, 8))}),
         ["blk.0.attn_q.weight", "[1024, 640]", "[8, 2048]"]),

@@ -67,7 +67,7 @@ def test_create_list_show(registered):
     assert [e.name for e in finetunes.list_finetunes()] == ["style-a", "style-b"]
     assert finetunes.get("style-a") == a == finetunes.get(a.id)
     assert set(a.to_dict()) >= {"id", "name", "model", "description", "rank", "alpha", "targets", "sha256",
-                                "created", "adapter_path"}
+                                "created_at", "modified_at", "public", "adapter_path"}
 
 
 def test_names_are_unique_per_model(registered, peft_dirs, home):

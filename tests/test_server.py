@@ -18,76 +18,21 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
+from servers import N_CTX, SEVEN_B, TWO_B, Server
 
 pytestmark = pytest.mark.e2e
 
-TWO_B, SEVEN_B = "@cf/google/gemma-2b-it-lora", "@cf/google/gemma-7b-it-lora"
 SEED_LORA = "00000000-0000-0000-0000-000000000"  # the seed's placeholder; not a UUID, so a valid name
-N_CTX = 256  # llama.cpp pads a context to a multiple of 256: ask for what we get
 KEY = "sekret-key"
 LONG = {"prompt": "la la la la la la la la", "raw": True, "temperature": 0, "max_tokens": 4000, "stream": True}
 
 
 # -- servers -----------------------------------------------------------------------------------
-
-class Server:
-    def __init__(self, home: Path, *flags: str, env: dict | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(home / f"server-{self.port}.log", "w+")
-        # One llama.cpp thread: on a shared 2-core box, spinning worker threads that lose their
-        # core to a neighbour make decoding 5-50x slower; one thread keeps the file's time steady.
-        environ = {**os.environ, "LOCALGEMMA_HOME": str(home), "LOCALGEMMA_SERVER_DEBUG": "1",
-                   "LOCALGEMMA_THREADS": "1", "LOCALGEMMA_N_CTX": str(N_CTX), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "localgemma.server", "--port", str(self.port), *flags],
-                                     env=environ, stdout=self.log, stderr=subprocess.STDOUT)
-        self.health_seen = self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 90) -> list[tuple[int, dict]]:
-        seen, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                r = httpx.get(self.base + "/health", timeout=2)
-                seen.append((r.status_code, r.json()))
-                if r.status_code == 200:
-                    return seen
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-        raise AssertionError(f"server not ready in {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-    def url(self, model: str = TWO_B, account: str = "acct") -> str:
-        return f"{self.base}/client/v4/accounts/{account}/ai/run/{model}"
-
-    def finetunes(self, suffix: str = "") -> str:
-        return f"{self.base}/client/v4/accounts/acct/ai/finetunes{suffix}"
-
-    def jobs(self, **headers) -> list[dict]:
-        return httpx.get(self.base + "/debug/jobs", headers=headers).json()["jobs"]
-
 
 @pytest.fixture(scope="module")
 def server(_session_home, embedded_gguf):

@@ -268,3 +268,33 @@ def test_preloader_reports_loading_then_ok(monkeypatch):
     failing.start()
     failing._thread.join(5)
     assert failing.status() == "error" and failing.state["bad"] == "error: gone"
+
+
+def test_an_unforeseen_error_is_a_500_in_the_api_shape_and_is_not_reraised():
+    """Starlette re-raises after an Exception handler answers, and the server then closes the
+    connection; middleware.Guard answers instead, in the API's shape, and re-raises nothing."""
+    import httpx
+    from fastapi import FastAPI
+
+    from localgemma.server.middleware import Guard
+
+    app = FastAPI()
+
+    @app.get("/v1/boom")
+    @app.get("/client/v4/boom")
+    async def boom():
+        raise RuntimeError("bug")
+
+    errors.install(app)
+    app.add_middleware(Guard)
+
+    async def call(path):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get(path)
+
+    r = asyncio.run(call("/client/v4/boom/"))  # a trailing slash is served, not redirected
+    assert r.status_code == 500 and r.json()["errors"][0] == {
+        "code": 3043, "message": "internal server error (RuntimeError); see the server log"}
+    r = asyncio.run(call("/v1/boom"))
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
