@@ -26,7 +26,7 @@ export CMAKE_ARGS
 WHEELHOUSE ?= $(HOME)/.cache/localgemma/wheels/$(shell printf '%s %s' '$(LLAMA_CPP_PYTHON)' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 export LOCALGEMMA_WHEELHOUSE := $(WHEELHOUSE)
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast bench clean
 
 # llama-cpp-python compiles llama.cpp (about 5-10 minutes on 2 cores, once per machine).
 $(WHEELHOUSE)/.built:
@@ -50,6 +50,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fast layer: no model is loaded (tests/conftest.py enforces it), seconds in all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e and not install"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py

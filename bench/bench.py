@@ -30,6 +30,7 @@ def runtime_bench(path: str, threads: int) -> None:
     import llama_cpp
 
     from localgemma.engine import Engine
+    from localgemma.generation import GenerationRequest
     from localgemma.sampling import SamplingParams
 
     ours = Engine(path, n_ctx=N_CTX, n_threads=threads)
@@ -41,7 +42,7 @@ def runtime_bench(path: str, threads: int) -> None:
 
     def ours_run(ids, n):
         start = time.perf_counter()
-        stream = ours.generate(ids, greedy, n)
+        stream = ours.generate(GenerationRequest(tuple(ids), greedy, n))
         next(stream)
         first = time.perf_counter()
         last = list(stream)[-1]

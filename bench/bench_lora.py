@@ -19,9 +19,10 @@ N_DECODE = 128
 
 
 def decode_rate(engine, ids, adapters=()) -> float:
+    from localgemma.generation import GenerationRequest
     from localgemma.sampling import SamplingParams
 
-    stream = engine.generate(ids, SamplingParams(temperature=0), N_DECODE, adapters=adapters)
+    stream = engine.generate(GenerationRequest(tuple(ids), SamplingParams(temperature=0), N_DECODE, adapters=adapters))
     next(stream)
     start = time.perf_counter()
     last = list(stream)[-1]
@@ -33,7 +34,7 @@ def lora_bench(path: str, threads: int, rounds: int = 3) -> None:
     import llama_cpp
 
     from bench import row
-    from localgemma.adapters import AdapterRef
+    from localgemma.generation import AdapterRef
     from localgemma.convert import merge, peft_to_gguf
     from localgemma.engine import Engine
     from peft_util import make_peft_adapter

@@ -3,7 +3,7 @@
 Pure functions; every refusal is a `localgemma.errors.ConversionError` naming what was wrong
 and what would be right, and nothing is written when one is raised. `cli.py` is the thin door.
 
-    peft_to_gguf(adapter_dir, base_gguf, out_path, *, max_rank=64, max_bytes=500 MiB) -> AdapterInfo
+    peft_to_gguf(adapter_dir, base_gguf, out_path, *, max_rank=None, max_bytes=None) -> AdapterInfo
     merge(base_gguf, [(adapter, scale), ...], out_path, *, out_type=None, progress=None) -> MergeInfo
     quantize(in_path, out_path, type) -> Path
 """

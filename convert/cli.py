@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import click
 
 from ..errors import LocalGemmaError
+from ..settings import option
 from .llama_quant import QUANT_TYPES
 
 
@@ -67,14 +68,13 @@ def convert() -> None:
               help="Base model: a .gguf path or a model id (default: the embedded Gemma 3 270M).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the GGUF adapter (OUT.gguf).")
-@click.option("--max-rank", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Refuse adapters whose rank is above this.")
-def lora_command(adapter_dir: Path, base: Optional[str], out: Path, max_rank: int) -> None:
+@option("max_lora_rank", "--max-rank")
+def lora_command(adapter_dir: Path, base: Optional[str], out: Path, max_lora_rank: Optional[int]) -> None:
     """Convert a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) to GGUF."""
     from .lora import peft_to_gguf
 
     with _user_errors():
-        info = peft_to_gguf(adapter_dir, _resolve_base(base), out, max_rank=max_rank)
+        info = peft_to_gguf(adapter_dir, _resolve_base(base), out, max_rank=max_lora_rank)
     for note in info.notes():
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {info.out_path}: LoRA for {info.architecture}, rank {info.rank}, alpha {info.alpha:g}, "

@@ -113,8 +113,8 @@ class BaseModel:
 def read_base(path: str | Path) -> BaseModel:
     """The base's architecture and tensor shapes, from its header alone (milliseconds, no
     tokenizer arrays parsed), after the checks that keep llama.cpp from aborting on it."""
-    from ..gguf_header import BadGGUF, check_model, read_header
     from ..errors import ModelUnavailable
+    from ..gguf_header import check_model, read_header
 
     try:
         header = read_header(path)
@@ -124,7 +124,7 @@ def read_base(path: str | Path) -> BaseModel:
             raise ConversionError(f"{path} is a {header.arch!r} model; this converter handles Gemma bases "
                                   f"({', '.join(GEMMA_ARCHS)})")
         check_model(header)
-    except (BadGGUF, ModelUnavailable) as exc:
+    except ModelUnavailable as exc:  # BadGGUF included
         raise ConversionError(exc.message) from None
     shapes = {t.name: t.shape for t in header.tensors.values()}
     return BaseModel(Path(path), header.arch, int(header.hparam("block_count")), shapes)

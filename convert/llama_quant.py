@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConversionError
-from .files import atomic_output
+from ..files import atomic_output
 from .gguf_lora import check_output_path
 
 # Output types offered to users: llama.cpp's file types that need no importance matrix

@@ -6,11 +6,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ..errors import ConversionError
-from .files import atomic_output, sha256
+from ..files import atomic_output, sha256
 from .gguf_lora import BaseModel, check_output_path, gguf_tensor_name, read_base, write_adapter
 from .peft import LoraModule, read_peft_adapter
 
@@ -37,11 +38,17 @@ class AdapterInfo:
 
 
 def peft_to_gguf(adapter_dir: str | Path, base_gguf: str | Path, out_path: str | Path, *,
-                 max_rank: int = 64, max_bytes: int = 500 * 2**20) -> AdapterInfo:
+                 max_rank: Optional[int] = None, max_bytes: Optional[int] = None) -> AdapterInfo:
     """Convert a PEFT LoRA folder for `base_gguf` into a GGUF adapter at `out_path`.
 
     Raises ConversionError (and writes nothing) for anything llama.cpp could not apply exactly.
+    The limits default to the settings' max_lora_rank and max_lora_mb.
     """
+    from ..settings import current
+
+    settings = current()
+    max_rank = settings.max_lora_rank if max_rank is None else max_rank
+    max_bytes = settings.max_lora_bytes if max_bytes is None else max_bytes
     out = check_output_path(out_path, base_gguf)
     adapter = read_peft_adapter(adapter_dir, max_rank=max_rank, max_bytes=max_bytes)
     base = read_base(base_gguf)

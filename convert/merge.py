@@ -38,7 +38,7 @@ import gguf
 import numpy as np
 
 from ..errors import ConversionError
-from .files import atomic_output
+from ..files import atomic_output
 from .gguf_lora import (BaseModel, GgufAdapter, check_output_path, field, open_gguf, read_adapter, read_base,
                         read_gguf)
 from .llama_quant import ftype_name, ftype_of, run_quantizer

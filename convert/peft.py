@@ -75,7 +75,7 @@ class PeftAdapter:
     skipped: tuple[str, ...] = ()  # vision-tower modules left out (never used on text)
 
 
-def read_peft_adapter(folder: str | Path, *, max_rank: int = 64, max_bytes: int = 500 * 2**20) -> PeftAdapter:
+def read_peft_adapter(folder: str | Path, *, max_rank: int, max_bytes: int) -> PeftAdapter:
     """Validate a PEFT folder and load its LoRA matrices as float32, one scale per module."""
     folder = Path(folder)
     config_path, weights_path = _find_files(folder)

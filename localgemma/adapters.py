@@ -12,32 +12,12 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import llama_cpp
 
-from .errors import LocalGemmaError
-
-DEFAULT_BUDGET = int(os.environ.get("LOCALGEMMA_ADAPTER_CACHE_MB", 1024)) * 2**20
-
-
-class AdapterMismatch(LocalGemmaError):
-    """The adapter was made for another base model (llama.cpp refused its tensors)."""
-
-
-class AdapterGone(LocalGemmaError):
-    """The adapter's file disappeared between lookup and load (deleted or replaced meanwhile)."""
-
-    code = 3037
-    status = 404
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """A request's adapter: which GGUF file, at which scale. Travels with the sampling params."""
-
-    path: str
-    scale: float = 1.0
+from .errors import AdapterGone, AdapterMismatch, LocalGemmaError
+from .generation import AdapterRef
 
 
 @dataclass
@@ -47,9 +27,11 @@ class _Loaded:
 
 
 class AdapterCache:
-    def __init__(self, model, *, budget: int = DEFAULT_BUDGET):
+    def __init__(self, model, *, budget: Optional[int] = None):
+        from .settings import current
+
         self._model = model
-        self.budget = budget
+        self.budget = budget if budget is not None else current().adapter_cache_mb * 2**20
         self._loaded: "OrderedDict[str, _Loaded]" = OrderedDict()
         self._active: tuple = ()
         self.loads = 0  # how many times a file was read (tests check reuse)

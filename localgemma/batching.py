@@ -5,8 +5,9 @@ single-sequence context for exact answers) with up to `parallel` sequences shari
 cells. A background thread runs the loop: between decode steps, cancelled requests leave
 (their KV removed at once) and waiting ones join; each step decodes every running sequence's
 last token plus as much waiting prompt as fits in n_batch. Each request keeps its own sampler
-and reads its own logits row.
+and reads its own logits row; the decode step is generation.Decoder, as on the engine.
 
+Who runs, and when, is `BatchPolicy`'s: a pure object (no llama.cpp), tested on its own.
 llama.cpp applies LoRA adapters per context, so only requests with the same adapter set run
 together. When the running set drains, the oldest waiting request of another set picks the
 next one (round-robin); a set that has kept another waiting for FAIR_STEPS steps admits nobody
@@ -14,82 +15,118 @@ new, so it drains and hands over: no adapter set starves.
 
 Answers in a batch are not bit-identical to solo ones (CPU kernels are not batch-invariant;
 tests/test_batching.py measures by how much). Requests that must repeat exactly -- a `seed`,
-or `exact=True` -- run on the engine's own context, and the loop pauses meanwhile: on two
-cores, two contexts decoding at once would only slow both.
+or one too big for the pool -- run on the engine's own context, and the loop pauses
+meanwhile: on two cores, two contexts decoding at once would only slow both.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import os
 import queue
 import threading
 from collections import deque
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import llama_cpp
 
 from . import sampling
-from .adapters import AdapterCache, AdapterRef
-from .engine import Chunk, Engine
+from .adapters import AdapterCache
+from .engine import Engine
 from .errors import InsufficientMemory, LocalGemmaError
+from .generation import Chunk, Decoder, GenerationRequest
 
-DEFAULT_PARALLEL = 4  # sequences per decode: 2 cores / a Pi gain little beyond this at 270M-2B
-DEFAULT_BATCH_CTX = 4096  # KV cells shared by them: 4 requests of ~1k tokens each
 FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set waits
 
 
-def default_parallel() -> int:
-    return int(os.environ.get("LOCALGEMMA_PARALLEL", 0)) or DEFAULT_PARALLEL
+class _Sequence:
+    """One request's state in the batch; owned by the loop thread once admitted."""
 
-
-def default_ctx() -> int:
-    return int(os.environ.get("LOCALGEMMA_BATCH_CTX", 0)) or DEFAULT_BATCH_CTX
-
-
-class _Request:
-    """One sequence's state; owned by the loop thread once admitted."""
-
-    def __init__(self, prompt: list[int], budget: int, stop: frozenset, group: tuple, since: int):
-        self.prompt, self.budget, self.stop, self.group = prompt, budget, stop, group
-        self.since = since  # the step at which it started waiting (fairness)
-        self.sampler = None
+    def __init__(self, request: GenerationRequest, since: int):
+        self.request, self.since = request, since  # since: the step it started waiting at (fairness)
+        self.group = request.adapters
+        self.sampler = self.decoder = None
         self.out: queue.SimpleQueue = queue.SimpleQueue()
-        self.cancelled = self.done = False
+        self.cancelled = False
         self.seq = -1
         self.pos = 0  # tokens of this sequence in the KV cache
-        self.last = -1  # the sampled token to feed next step
-        self.n_gen = 0
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # as Engine._run
 
     @property
     def need(self) -> int:
-        return len(self.prompt) + self.budget  # KV cells it may come to hold
+        return self.request.need
+
+
+class BatchPolicy:
+    """Admission, fairness and adapter-set hand-over, as data: the loop asks it who runs."""
+
+    def __init__(self, parallel: int, n_ctx: int):
+        self.parallel, self.n_ctx = parallel, n_ctx
+        self.waiting: deque = deque()
+        self.running: dict[int, object] = {}
+        self.free = list(range(parallel))[::-1]
+        self.group: Optional[tuple] = None  # the adapter set on the context
+        self.steps = 0
+
+    def fits_alone(self, need: int) -> bool:
+        return need <= self.n_ctx
+
+    def switch_to(self) -> Optional[tuple]:
+        """The adapter set to put on the context now, or None to keep it: only when nothing
+        runs and someone waits. Round-robin: the oldest waiting request of another set."""
+        if self.running or not self.waiting:
+            return None
+        group = next((r.group for r in self.waiting if r.group != self.group), self.waiting[0].group)
+        return None if group == self.group else group
+
+    def admit(self) -> list:
+        """Waiting requests of the current set that join now, each given a sequence id: first
+        come, first served while slots and KV cells last, unless another set is starving."""
+        if self.running and self._starving():
+            return []
+        reserved = sum(r.need for r in self.running.values())
+        joined = []
+        for req in list(self.waiting):
+            if not self.free:
+                break
+            if req.group != self.group:
+                continue
+            if reserved + req.need > self.n_ctx:
+                break  # no small request overtakes a big one of the same set
+            self.waiting.remove(req)
+            req.seq = self.free.pop()
+            self.running[req.seq] = req
+            reserved += req.need
+            joined.append(req)
+        return joined
+
+    def leave(self, req) -> None:
+        del self.running[req.seq]
+        self.free.append(req.seq)
+
+    def _starving(self) -> bool:
+        return any(r.group != self.group and self.steps - r.since > FAIR_STEPS for r in self.waiting)
 
 
 class Batcher:
-    def __init__(self, engine: Engine, parallel: Optional[int] = None, n_ctx: Optional[int] = None):
+    def __init__(self, engine: Engine, parallel: int, n_ctx: int):
         self.engine = engine
-        self.parallel = parallel or default_parallel()
-        self._ctx = self._new_context(n_ctx or default_ctx())
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.parallel = parallel
+        self._ctx = self._new_context(n_ctx)
         self.n_batch = engine.n_batch
+        self.policy = BatchPolicy(parallel, llama_cpp.llama_n_ctx(self._ctx))
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         # Adapter handles belong to the model, activation to a context: a cache of our own keeps
         # the engine's cache (used under the engine's lock) from evicting a handle active here.
         self.adapters = AdapterCache(engine._model)
         self._cv = threading.Condition()
-        self._waiting: deque[_Request] = deque()
-        self._running: dict[int, _Request] = {}
-        self._free = list(range(self.parallel))[::-1]
-        self._group: Optional[tuple] = None
-        self._exclusive = 0  # exact requests running on the engine: the loop waits
+        self._exclusive = 0  # requests running on the engine's own context: the loop waits
         self._busy = self._closed = False
-        self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="localgemma-batch", daemon=True)
         self._thread.start()
+
+    @property
+    def steps(self) -> int:
+        return self.policy.steps
 
     def _new_context(self, n_ctx: int):
         cparams = llama_cpp.llama_context_default_params()
@@ -106,26 +143,24 @@ class Batcher:
 
     # -- requests (any thread) --------------------------------------------------------------
 
-    def generate(self, prompt: Sequence[int], params: sampling.SamplingParams, max_tokens: int,
-                 stop: frozenset[int] = frozenset(), adapters: tuple[AdapterRef, ...] = (),
-                 *, exact: bool = False) -> Iterator[Chunk]:
-        """Engine.generate's contract. Batched unless `exact`, seeded, or too big for the pool:
-        those run alone on the engine's context (bit-identical to solo, prefix cache included)."""
-        budget = min(max_tokens, self.engine.check_fits(len(prompt)))  # raises now, as Engine does
-        if exact or params.seed is not None or budget < 1 or len(prompt) + budget > self.n_ctx:
-            return self._solo(self.engine.generate(prompt, params, max_tokens, stop, adapters))
-        return self._batched(list(prompt), sampling.plan(params), budget, frozenset(stop), tuple(adapters))
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        """Engine.generate's contract. Batched unless seeded or too big for the pool: those run
+        alone on the engine's context (bit-identical to solo, prefix cache included)."""
+        if request.sampling.seed is not None or not self.policy.fits_alone(request.need):
+            return self._solo(self.engine.generate(request))
+        return self._batched(request)
 
     def _solo(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         with self.exclusive():
             yield from chunks
 
-    def _batched(self, prompt, steps, budget, stop, group) -> Iterator[Chunk]:
-        req = _Request(prompt, budget, stop, group, self.steps)
+    def _batched(self, request: GenerationRequest) -> Iterator[Chunk]:
+        req = _Sequence(request, self.policy.steps)
         e = self.engine
-        req.sampler = sampling.make_sampler(steps, e._vocab, e.n_vocab, self.n_ctx)
+        req.sampler = sampling.make_sampler(request.sampling, e._vocab, e.n_vocab, self.policy.n_ctx)
+        req.decoder = Decoder(request, e.piece, e.is_eog)
         with self._cv:
-            self._waiting.append(req)
+            self.policy.waiting.append(req)
             self._cv.notify_all()
         try:
             while True:
@@ -157,17 +192,21 @@ class Batcher:
     # -- the loop (its own thread) ----------------------------------------------------------
 
     def _loop(self) -> None:
+        policy = self.policy
         while True:
             with self._cv:
-                while not self._closed and (self._exclusive or not (self._running or self._waiting)):
+                while not self._closed and (self._exclusive or not (policy.running or policy.waiting)):
                     self._cv.wait()
                 if self._closed:
                     return
                 self._reap()
-                self._admit()
-                self._busy = bool(self._running)
+                group = policy.switch_to()
+                if group is not None:
+                    self._switch(group)
+                policy.admit()
+                self._busy = bool(policy.running)
             try:
-                if self._running:
+                if policy.running:
                     self._step()
             finally:
                 with self._cv:
@@ -176,124 +215,87 @@ class Batcher:
 
     def _reap(self) -> None:
         """Cancelled requests leave now: their KV cells and sequence id are free for the next."""
-        for req in [r for r in self._running.values() if r.cancelled]:
+        for req in [r for r in self.policy.running.values() if r.cancelled]:
             self._leave(req, None)
-        for req in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(req)
+        for req in [r for r in self.policy.waiting if r.cancelled]:
+            self.policy.waiting.remove(req)
             self._end(req, None)
-
-    def _admit(self) -> None:
-        if not self._running and self._waiting:
-            self._switch(self._next_group())
-        if self._running and self._starving():
-            return  # let the running set drain; another set goes next
-        reserved = sum(r.need for r in self._running.values())
-        for req in list(self._waiting):
-            if not self._free:
-                break
-            if req.group != self._group:
-                continue
-            if reserved + req.need > self.n_ctx:
-                break  # first come, first served within a set: no small request overtakes
-            self._waiting.remove(req)
-            req.seq = self._free.pop()
-            self._running[req.seq] = req
-            reserved += req.need
-
-    def _next_group(self) -> tuple:
-        """Round-robin: the oldest waiting request of another set, else the current set."""
-        return next((r.group for r in self._waiting if r.group != self._group), self._waiting[0].group)
-
-    def _starving(self) -> bool:
-        return any(r.group != self._group and self.steps - r.since > FAIR_STEPS for r in self._waiting)
 
     def _switch(self, group: tuple) -> None:
         """Make `group` the context's adapter set. Nothing is running, so no KV computed under
         the old set survives (the cache is cleared anyway, for good measure)."""
-        if group == self._group:
-            return
         llama_cpp.llama_memory_clear(self._mem, True)
         try:
             self.adapters.activate(self._ctx, group)
-            self._group = group
+            self.policy.group = group
         except Exception as exc:  # noqa: BLE001 - an unloadable adapter fails only its own requests
-            self._group = None
-            for req in [r for r in self._waiting if r.group == group]:
-                self._waiting.remove(req)
+            self.policy.group = None
+            for req in [r for r in self.policy.waiting if r.group == group]:
+                self.policy.waiting.remove(req)
                 self._end(req, exc)
 
     def _step(self) -> None:
         rows = self._fill()
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
-        self.steps += 1
+        self.policy.steps += 1
         if rc != 0:
             error = LocalGemmaError(f"llama_decode failed with code {rc} (out of context or memory)")
             with self._cv:
-                for req in list(self._running.values()):
+                for req in list(self.policy.running.values()):
                     self._leave(req, error)
             return
         for req, idx in rows:
             self._advance(req, idx)
 
-    def _fill(self) -> list[tuple[_Request, int]]:
+    def _fill(self) -> list[tuple[_Sequence, int]]:
         """This step's batch: every decoding sequence's last token first (one each), then
         prompt chunks while n_batch has room. Returns (request, logits row) to sample."""
         batch, n, rows = self._batch, 0, []
-        running = list(self._running.values())
+        running = list(self.policy.running.values())
         for req in running:
-            if req.pos >= len(req.prompt):
-                n = self._put(batch, n, req, req.last, True)
+            if req.pos >= len(req.request.tokens):
+                n = self._put(batch, n, req, req.decoder.last_token, True)
                 rows.append((req, n - 1))
         for req in running:
-            while req.pos < len(req.prompt) and n < self.n_batch:
-                last = req.pos == len(req.prompt) - 1
-                n = self._put(batch, n, req, req.prompt[req.pos], last)
+            prompt = req.request.tokens
+            while req.pos < len(prompt) and n < self.n_batch:
+                last = req.pos == len(prompt) - 1
+                n = self._put(batch, n, req, prompt[req.pos], last)
                 if last:
                     rows.append((req, n - 1))
         batch.n_tokens = n
         return rows
 
     @staticmethod
-    def _put(batch, n: int, req: _Request, token: int, logits: bool) -> int:
+    def _put(batch, n: int, req: _Sequence, token: int, logits: bool) -> int:
         batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, req.pos, 1
         batch.seq_id[n][0], batch.logits[n] = req.seq, logits
         req.pos += 1
         return n + 1
 
-    def _advance(self, req: _Request, idx: int) -> None:
+    def _advance(self, req: _Sequence, idx: int) -> None:
         """Sample this sequence's next token from its row; stream its text; end it if done."""
-        token = req.sampler.sample(self._ctx, idx)
-        if token in req.stop or self.engine.is_eog(token):
-            return self._finish(req, "stop")
-        req.n_gen += 1
-        text = req.utf8.decode(self.engine.piece(token))
+        text = req.decoder.step(req.sampler.sample(self._ctx, idx))
         if text:
             req.out.put(Chunk(text))
-        if req.n_gen == req.budget:
-            return self._finish(req, "length")
-        req.last = token
+        if req.decoder.finish:
+            with self._cv:
+                self._leave(req, req.decoder.last())
 
-    def _finish(self, req: _Request, reason: str) -> None:
-        # Bytes still pending are a character cut off by the stop: dropped, as Engine._run does.
-        with self._cv:
-            self._leave(req, Chunk("", reason, len(req.prompt), req.n_gen))
-
-    def _leave(self, req: _Request, item) -> None:
+    def _leave(self, req: _Sequence, item) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, req.seq, -1, -1)
-        del self._running[req.seq]
-        self._free.append(req.seq)
+        self.policy.leave(req)
         self._end(req, item)
 
     @staticmethod
-    def _end(req: _Request, item) -> None:
-        req.done = True
+    def _end(req: _Sequence, item) -> None:
         req.sampler.free()
         if item is not None:
             req.out.put(item)
 
     # -- measurement ------------------------------------------------------------------------
 
-    def teacher_forced(self, seqs: Sequence[Sequence[int]], start: int) -> list:
+    def teacher_forced(self, seqs, start: int) -> list:
         """Per-step logits of sequences decoded together, as generation decodes them: each
         sequence's first `start` tokens prefilled in one shared batch, then one token per
         sequence per step. Returns, per sequence, float32 rows for tokens[start-1:] (row k is
@@ -301,22 +303,22 @@ class Batcher:
         import numpy as np
 
         with self.exclusive():
-            assert not self._running, "teacher_forced needs an idle batcher"
+            assert not self.policy.running, "teacher_forced needs an idle batcher"
             self._switch(())
-            llama_cpp.llama_memory_clear(self._mem, True)
-            reqs = [_Request(list(s), 0, frozenset(), (), 0) for s in seqs]
-            for i, req in enumerate(reqs):
-                req.seq = i
             assert len(seqs) * start <= self.n_batch and len(seqs) <= self.parallel
             out = [[] for _ in seqs]
-            steps = max(len(s) for s in seqs) - start + 1
-            for k in range(steps):
+            pos = [0] * len(seqs)
+            for k in range(max(len(s) for s in seqs) - start + 1):
                 n, rows = 0, []
-                for i, req in enumerate(reqs):
-                    upto = start if k == 0 else start + k
-                    while req.pos < min(upto, len(req.prompt)):
-                        n = self._put(self._batch, n, req, req.prompt[req.pos], req.pos == upto - 1)
-                        if req.pos == upto:
+                for i, tokens in enumerate(seqs):
+                    upto = min(start if k == 0 else start + k, len(tokens))
+                    while pos[i] < upto:
+                        b = self._batch
+                        b.token[n], b.pos[n], b.n_seq_id[n] = tokens[pos[i]], pos[i], 1
+                        b.seq_id[n][0], b.logits[n] = i, pos[i] == upto - 1
+                        pos[i] += 1
+                        n += 1
+                        if pos[i] == upto:
                             rows.append((i, n - 1))
                 self._batch.n_tokens = n
                 if n == 0:
@@ -336,7 +338,7 @@ class Batcher:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(30)
-        for req in list(self._running.values()) + list(self._waiting):
+        for req in list(self.policy.running.values()) + list(self.policy.waiting):
             req.out.put(LocalGemmaError("the model was unloaded"))
         self.adapters.close()
         if self._batch is not None:

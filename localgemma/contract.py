@@ -1,18 +1,23 @@
-"""The Workers AI gemma-lora request contract: one pydantic model per input shape.
+"""The Workers AI gemma-lora contract: one pydantic model per input shape, and the output shape.
 
 Every field, with its default and range, is declared here once; the Python API, the CLI and
 the HTTP server all validate through `parse_inputs`. Unknown fields are refused by name.
+`output` and `event` give a Result (and a streamed chunk) Workers AI's shape, for `run` and
+the Workers AI routes alike.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    from .generation import Chunk, Result
 
 MAX_TEXT = 131072
 SEED_MAX = 9999999999
@@ -20,7 +25,7 @@ ROLES = ("system", "user", "assistant", "model", "tool")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ResponseFormat(_Strict):
@@ -152,18 +157,26 @@ def strict_json(text: str | bytes) -> Any:
 
 def describe(exc: ValidationError, shape: type[BaseModel] | None = None) -> str:
     """One readable line per problem: `field: what is wrong (got VALUE)`."""
-    known = list(shape.model_fields) if shape is not None else FIELDS
+    return "; ".join(problems(exc.errors(), list(shape.model_fields) if shape is not None else FIELDS))
+
+
+def problems(errors: list[dict], known: list[str]) -> list[str]:
+    """pydantic's (or FastAPI's) errors, one line each, naming the field: the one renderer."""
     lines = []
-    for err in exc.errors():
+    for err in errors:
         where = _loc(err["loc"])
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and not known:
+            lines.append(f"{where}: unknown or unsupported parameter")
+        elif err["type"] == "extra_forbidden":
             guess = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             hint = f"; did you mean '{guess[0]}'?" if guess else f"; allowed fields: {', '.join(known)}"
             lines.append(f"{where}: unknown field{hint}")
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg} (got {_show(err.get('input'))})")
-    return "; ".join(lines)
+        elif err["type"] == "missing":
+            lines.append(f"{where}: Field required")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {_show(err.get('input'))})")
+    return lines
 
 
 def _loc(loc: tuple) -> str:
@@ -171,13 +184,41 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("FunctionTool", "FlatTool", "NamedToolChoice") or str(part).startswith("literal["):
-            continue  # union branch names mean nothing to a user
+        elif part in ("body", "form", "FunctionTool", "FlatTool", "NamedToolChoice") or str(part).startswith(
+                ("literal[", "function-", "json-or-python")):
+            continue  # where FastAPI found it, and union branch names, mean nothing to a user
         else:
             out += f".{part}" if out else str(part)
-    return out or "inputs"
+    return out or "body"
 
 
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+def output(result: "Result") -> dict[str, Any]:
+    """Workers AI's answer: {"response", "usage"} (+ "tool_calls"). With a schema, "response"
+    is the parsed value; with a tool call it is "" and the call is in "tool_calls"."""
+    out: dict[str, Any] = {"response": result.value if result.has_value else ("" if result.tool_calls else result.text),
+                           "usage": result.usage.to_dict()}
+    if result.tool_calls:
+        out["tool_calls"] = [dict(call) for call in result.tool_calls]
+    return out
+
+
+def event(item: "Chunk | Result") -> dict[str, Any]:
+    """One streamed event: {"response": piece}; the last {"response": "", "usage"} (+
+    "tool_calls", or with a schema "parsed": the value)."""
+    from .generation import Result
+
+    if not isinstance(item, Result):
+        return {"response": item.text}
+    out: dict[str, Any] = {"response": "", "usage": item.usage.to_dict()}
+    if item.tool_calls:
+        out["tool_calls"] = [dict(call) for call in item.tool_calls]
+    elif item.has_value:
+        out["parsed"] = item.value
+    return out

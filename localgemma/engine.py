@@ -1,26 +1,26 @@
 """The engine: one GGUF loaded once through llama.cpp's C API, generating typed chunks.
 
-Nothing here knows about the contract, templates, HTTP or terminals: it takes token ids and
-`SamplingParams`, and yields `Chunk`s. One context per model; a lock serialises requests.
+Nothing here knows about the contract, templates, HTTP or terminals: it takes a
+`GenerationRequest` and yields `Chunk`s. One context per model; a lock serialises requests.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import llama_cpp
 
 from . import sampling, system
-from .adapters import AdapterCache, AdapterRef
+from .adapters import AdapterCache
 from .errors import ContextOverflow, InsufficientMemory, LocalGemmaError
+from .generation import AdapterRef, Chunk, Decoder, GenerationRequest
+from .settings import current as settings
 
 log = logging.getLogger("localgemma")
 
@@ -31,34 +31,25 @@ _backend_ready = False
 _backend_lock = threading.Lock()
 
 
+_verbose = False  # settings.verbose, read when a model is loaded
+
+
 @llama_cpp.llama_log_callback
 def _llama_log(level: int, text: bytes, _user) -> None:
     # llama.cpp narrates every load (and tags some warnings as level NONE, which
     # llama-cpp-python's own filter lets through); say nothing unless asked to.
-    if _VERBOSE:
+    if _verbose:
         print(text.decode(errors="replace"), end="", file=sys.stderr, flush=True)
 
 
-_VERBOSE = bool(os.environ.get("LOCALGEMMA_VERBOSE"))
-
-
 def _init_backend() -> None:
-    global _backend_ready
+    global _backend_ready, _verbose
+    _verbose = settings().verbose
     with _backend_lock:
         if not _backend_ready:
             llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of generated text; the last chunk of a generation also says why it ended."""
-
-    text: str
-    finish_reason: Optional[str] = None  # "stop" (end of turn / eos) or "length"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 def check_memory(path: Path, available: Optional[int] = None) -> None:
@@ -128,17 +119,6 @@ class Engine:
         self._kv_slices: list[int] = []
         self.reused_tokens = 0  # of the last prompt (tests and bench read it)
 
-    # -- metadata ---------------------------------------------------------------------------
-
-    def meta(self, key: str) -> Optional[str]:
-        buf = ctypes.create_string_buffer(1024)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode(errors="replace") if n >= 0 else None
-
-    @property
-    def architecture(self) -> str:
-        return self.meta("general.architecture") or "unknown"
-
     # -- tokens -----------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
@@ -186,59 +166,39 @@ class Engine:
             )
         return self.n_ctx - n_prompt
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        params: sampling.SamplingParams,
-        max_tokens: int,
-        stop: frozenset[int] = frozenset(),
-        adapters: tuple[AdapterRef, ...] = (),
-    ) -> Iterator[Chunk]:
-        """Yield text chunks, then a final chunk with the finish reason and token counts.
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        """Yield text chunks, then a final chunk with the finish reason and token counts (see
+        generation.Decoder). The request's adapters are the LoRA set to apply; switching the set
+        drops every cached prompt slice, so nothing computed under one adapter set is reused
+        under another."""
+        if request.max_tokens > self.check_fits(len(request.tokens)):  # raises now, not at first next()
+            raise ContextOverflow(f"max_tokens: {request.max_tokens} do not fit after a {len(request.tokens)}-token "
+                                  f"prompt in a {self.n_ctx}-token context")
+        return self._generate(request)
 
-        Generation stops at the model's end-of-generation tokens (Gemma: <end_of_turn>, <eos>)
-        and at any token in `stop`; the stopping token is not counted or shown. `adapters` is
-        the LoRA set to apply (none: the bare base); switching the set drops every cached
-        prompt slice, so nothing computed under one adapter set is reused under another.
-
-        `max_tokens` beyond what the context leaves is clamped (finish reason "length").
-        Text never splits a UTF-8 character: bytes wait until their character is whole, and a
-        character left incomplete when generation stops is dropped (invalid bytes mid-stream
-        become U+FFFD).
-        """
-        budget = min(max_tokens, self.check_fits(len(prompt)))  # raises now, not at first next()
-        return self._generate(list(prompt), sampling.plan(params), budget, stop, tuple(adapters))
-
-    def _generate(self, prompt, steps, budget, stop, adapters) -> Iterator[Chunk]:
+    def _generate(self, request: GenerationRequest) -> Iterator[Chunk]:
         with self._lock:
-            if self.adapters.activate(self._ctx, adapters):
+            if self.adapters.activate(self._ctx, request.adapters):
                 self._kv_slices = []  # KV computed under another adapter set is wrong now
-            sampler = sampling.make_sampler(steps, self._vocab, self.n_vocab, self.n_ctx)
+            sampler = sampling.make_sampler(request.sampling, self._vocab, self.n_vocab, self.n_ctx)
             try:
-                yield from self._run(prompt, sampler, budget, stop)
+                yield from self._run(request, sampler)
             finally:
                 sampler.free()
 
-    def _run(self, prompt: Sequence[int], sampler, budget: int, stop: frozenset[int]) -> Iterator[Chunk]:
-        ctx, vocab, one, sample = self._ctx, self._vocab, self._one, sampler.sample
-        self._prefill(prompt)
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        n_gen, finish = 0, "length"
-        while n_gen < budget:
-            token = sample(ctx)
-            if token in stop or llama_cpp.llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
-            n_gen += 1
-            text = utf8.decode(self.piece(token))
+    def _run(self, request: GenerationRequest, sampler) -> Iterator[Chunk]:
+        ctx, one, sample = self._ctx, self._one, sampler.sample
+        self._prefill(request.tokens)
+        decoder = Decoder(request, self.piece, self.is_eog)
+        while True:
+            text = decoder.step(sample(ctx))
             if text:
                 yield Chunk(text)
-            if n_gen == budget:
+            if decoder.finish:
                 break
-            one[0] = token
+            one[0] = decoder.last_token
             self._decode(llama_cpp.llama_batch_get_one(one, 1))
-        # Bytes still pending here are a character cut off by the stop: not text, so dropped.
-        yield Chunk("", finish, len(prompt), n_gen)
+        yield decoder.last()
 
     def logits(self, tokens: Sequence[int], adapters: tuple[AdapterRef, ...] = ()):
         """Teacher-forced logits at every position: float32 array [len(tokens), n_vocab].

@@ -33,30 +33,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .adapters import AdapterRef
-from .errors import ConversionError, InvalidInput, LocalGemmaError
+from .errors import (ConversionError, FinetuneExists, FinetuneIncomplete, InvalidInput, LocalGemmaError,
+                     UnknownFinetune)
+from .files import write_atomic
+from .generation import AdapterRef
+from .settings import current as settings
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER = "adapter.gguf"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-MAX_RANK = int(os.environ.get("LOCALGEMMA_MAX_LORA_RANK", 64))
-MAX_BYTES = int(os.environ.get("LOCALGEMMA_MAX_LORA_MB", 500)) * 2**20
 MAX_SCALE = 10.0  # |scale| in "lora": "name:scale"; ten times what it learned is already far out
-
-
-class UnknownFinetune(LocalGemmaError):
-    code = 3037  # what Workers AI answers: "Finetune <id> not found"
-    status = 404
-
-
-class FinetuneExists(LocalGemmaError):
-    code = 3003
-    status = 409
-
-
-class FinetuneIncomplete(LocalGemmaError):
-    code = 3039  # "finetune missing required files"
-    status = 400
 
 
 @dataclass(frozen=True)
@@ -217,8 +203,10 @@ def _scale(text: str, part: str) -> float:
 # -- writing -----------------------------------------------------------------------------------
 
 def create(model: Optional[str], name: str, folder: str | os.PathLike, description: str = "", *,
-           public: bool = False, max_rank: int = MAX_RANK, max_bytes: int = MAX_BYTES) -> Finetune:
-    """Validate and convert a PEFT folder, then register it (all or nothing)."""
+           public: bool = False, max_rank: Optional[int] = None, max_bytes: Optional[int] = None) -> Finetune:
+    """Validate and convert a PEFT folder, then register it (all or nothing). The limits
+    default to the settings' max_lora_rank and max_lora_mb."""
+    max_rank, max_bytes = _limits(max_rank, max_bytes)
     model = normalize_model(model)
     check_name(name)
     source = Path(folder)
@@ -243,10 +231,11 @@ def create_pending(model: Optional[str], name: str, description: str = "", publi
         return _commit(_new_entry(model, name, description, public, status="pending"), stage)
 
 
-def add_asset(name_or_id: str, file_name: str, data: bytes, *, max_rank: int = MAX_RANK,
-              max_bytes: int = MAX_BYTES) -> Finetune:
+def add_asset(name_or_id: str, file_name: str, data: bytes, *, max_rank: Optional[int] = None,
+              max_bytes: Optional[int] = None) -> Finetune:
     """The REST flow's second step, once per file; converts when both are in. A new version
     is built beside the one in use and committed only if it converts: a refusal changes nothing."""
+    max_rank, max_bytes = _limits(max_rank, max_bytes)
     if file_name not in REQUIRED_FILES:
         raise InvalidInput(f"file_name: {file_name!r} is not accepted; upload {' and '.join(REQUIRED_FILES)}")
     if len(data) > max_bytes:
@@ -262,7 +251,7 @@ def add_asset(name_or_id: str, file_name: str, data: bytes, *, max_rank: int = M
             for other in REQUIRED_FILES:
                 if other != file_name and old is not None and (old / other).is_file():
                     shutil.copyfile(old / other, new / other)
-            _write_bytes(new / file_name, data)
+            write_atomic(new / file_name, data)
             files = tuple(f for f in REQUIRED_FILES if (new / f).is_file())
             updated = _replace(entry, files=files, status="pending", sha256=None, rank=None, alpha=None, targets=(),
                                notes=(), version=version, modified_at=_now())
@@ -290,6 +279,12 @@ def delete(name_or_id: str, model: Optional[str] = None) -> Finetune:
         os.replace(entry.folder, graveyard)  # one rename: the entry is gone, atomically
         shutil.rmtree(graveyard, ignore_errors=True)
     return entry
+
+
+def _limits(max_rank: Optional[int], max_bytes: Optional[int]) -> tuple[int, int]:
+    current = settings()
+    return (current.max_lora_rank if max_rank is None else max_rank,
+            current.max_lora_bytes if max_bytes is None else max_bytes)
 
 
 def _now() -> str:
@@ -338,21 +333,7 @@ def _replace(entry: Finetune, **changes) -> Finetune:
 def _write_meta(entry: Finetune, folder: Path) -> None:
     data = entry.to_dict()
     data.pop("adapter_path")
-    _write_bytes(folder / "meta.json", json.dumps(data, indent=2, allow_nan=False).encode())
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomically: a reader sees the old file or the new one, never part of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(folder / "meta.json", json.dumps(data, indent=2, allow_nan=False))
 
 
 @contextlib.contextmanager

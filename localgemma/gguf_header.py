@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ModelUnavailable
+from .errors import BadGGUF, ModelUnavailable
 
 MAGIC = b"GGUF"
 # GGUF value types -> struct format (8: string and 9: array are handled apart)
@@ -32,10 +32,6 @@ MAX_KV = 1 << 16
 MAX_DIMS = 4
 MAX_BLOCKS = 1024  # transformer layers; the largest open models have ~130
 MAX_SIZE = 1 << 24  # any one hyperparameter (context, width, heads): 16M is far past real models
-
-
-class BadGGUF(ModelUnavailable):
-    """The file is not a GGUF llama.cpp could safely load."""
 
 
 @dataclass(frozen=True)

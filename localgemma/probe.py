@@ -22,7 +22,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .gguf_header import BadGGUF, check_model, read_header
+from .errors import BadGGUF
+from .gguf_header import check_model, read_header
 
 TIMEOUT = 600  # seconds: a 7B file read from an SD card is slow, but not this slow
 _lock = threading.Lock()
@@ -49,13 +50,13 @@ def _known() -> dict:
 def trust(path: Path, error: str | None = None) -> None:
     """Record the verdict on `path` as it is now: loadable (e.g. its sha256 was checked), or
     the error it gives."""
-    from .models.store import atomic_write
+    from .files import write_atomic
 
     with _lock:
         name, stamp = _key(path)
         known = _known()
         known[name] = {"stamp": stamp, "error": error}
-        atomic_write(_registry(), json.dumps(known, indent=1))
+        write_atomic(_registry(), json.dumps(known, indent=1))
 
 
 def ensure_loadable(path: str | os.PathLike) -> None:

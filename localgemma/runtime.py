@@ -1,98 +1,166 @@
-"""`run(model, inputs)`: the Python mirror of `env.AI.run`.
+"""`run(model, inputs)`: the Python mirror of `env.AI.run`, and the runtime every door shares.
 
-contract (validate) -> template (pieces) -> tokens -> sampling -> engine -> output shape.
-Everything that can fail on the request (validation, model resolution, context size) fails
-when `run` is called, before any text is produced — also for streams.
+contract (validate) -> template (pieces) -> tokens -> GenerationRequest -> engine or batcher
+-> Chunks -> one typed `Result`. Everything that can fail on the request (validation, model
+resolution, context size, grammar) fails in `prepare`, before any text is produced -- also for
+streams. A `Runtime` owns the loaded engines (and, unless exact, their batchers): the Python
+API uses a default one; `localgemma serve` builds its own from its settings.
+
+Doors turn what the runtime gives into their wire shapes: contract.output / contract.event
+(Workers AI's, used by `run` and the Workers AI routes), server/openai_shim.py (OpenAI's) and
+cli.py (a terminal's). None of them recomputes a finish reason: `Result.finish_reason` is
+the engine's ("stop", "length") or, for a call, "tool_calls".
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from . import finetunes, structured, template
 from . import tools as tools_mod
-from .adapters import AdapterRef
-from .contract import Inputs, MessagesInputs, PromptInputs, parse_inputs
-from .engine import Chunk, Engine
-from .errors import InvalidInput, LocalGemmaError
+from .contract import Inputs, MessagesInputs, PromptInputs, event, output, parse_inputs
+from .errors import Aborted, InvalidInput
+from .generation import Chunk, GenerationRequest, Result, Usage
 from .sampling import SamplingParams
+from .settings import Settings
+from .settings import current as current_settings
 
 if TYPE_CHECKING:
     from .batching import Batcher
+    from .engine import Engine
 
-Result = dict[str, Any]
+class Runtime:
+    """The engines (and batchers) of one process or one server. `exact`: every request runs
+    alone on its engine, bit-identical to a solo run; otherwise unseeded requests share decode
+    steps (localgemma.batching; seeded ones still run alone)."""
 
-_engines: dict[Path, Engine] = {}
-_engines_lock = threading.Lock()
-_batchers: dict[Path, "Batcher"] = {}
+    def __init__(self, settings: Optional[Settings] = None, *, exact: bool = True):
+        self.settings = settings
+        self.exact = exact
+        self._engines: dict[Path, "Engine"] = {}
+        self._batchers: dict[Path, "Batcher"] = {}
+        self._lock = threading.Lock()
+
+    def _settings(self) -> Settings:
+        return self.settings or current_settings()
+
+    def engine(self, model: Optional[str] = None) -> "Engine":
+        """The engine for a model id or .gguf path, loaded once and kept."""
+        from .engine import Engine
+        from .models import CATALOG, resolve
+
+        path = resolve(model).resolve()
+        with self._lock:
+            engine = self._engines.get(path)
+            if engine is None:
+                spec = CATALOG.get(model or "")
+                settings = self._settings()
+                engine = self._engines[path] = Engine(path, n_ctx=settings.n_ctx or (spec.n_ctx if spec else None),
+                                                      n_threads=settings.threads)
+            return engine
+
+    def batcher(self, engine: "Engine") -> Optional["Batcher"]:
+        """The engine's batch scheduler (None when exact), created on first use and kept."""
+        if self.exact:
+            return None
+        from .batching import Batcher
+
+        with self._lock:
+            batcher = self._batchers.get(engine.path)
+            if batcher is None:
+                settings = self._settings()
+                batcher = self._batchers[engine.path] = Batcher(engine, settings.parallel, settings.batch_ctx)
+            return batcher
+
+    def load(self, model: Optional[str] = None) -> None:
+        """Load a model (and its batch context) now, so the first request does not wait."""
+        self.batcher(self.engine(model))
+
+    def prepare(self, model: Optional[str], inputs: Inputs) -> "Prepared":
+        """Everything that can refuse a request, done before any token is generated."""
+        schema, grammar, tools, mode, preamble = None, None, [], "auto", None
+        if isinstance(inputs, MessagesInputs) and (inputs.tools or inputs.functions):
+            if inputs.response_format is not None:
+                raise InvalidInput("response_format: cannot be combined with tools; use one or the other")
+            tools = tools_mod.tools_of(inputs)
+            mode, name = tools_mod.choice_of(inputs.tool_choice, tools)
+            grammar = tools_mod.grammar(tools, mode, name)
+            preamble = tools_mod.render(tools) if mode != "none" else None
+        elif isinstance(inputs, MessagesInputs) and inputs.tool_choice not in (None, "none", "auto"):
+            raise InvalidInput("tool_choice: asks for a tool call, but the request has no tools")
+        if inputs.response_format is not None:
+            schema = structured.schema_of(inputs.response_format)
+            grammar = structured.grammar_for(schema)
+        adapters = finetunes.adapters_for(model, inputs.lora)
+        engine = self.engine(model)
+        tokens = encode(engine, inputs, preamble)
+        request = GenerationRequest(
+            tokens=tuple(tokens), sampling=SamplingParams.from_inputs(inputs, grammar),
+            max_tokens=min(inputs.max_tokens, engine.check_fits(len(tokens))),  # clamped: finish "length"
+            stop_tokens=stop_tokens(engine, inputs), adapters=adapters)
+        return Prepared(self, engine, request, inputs.max_tokens, schema, tools, mode)
+
+    def stream(self, model: Optional[str], inputs: Union[dict, Inputs]) -> Iterator[Union[Chunk, Result]]:
+        """Text chunks as they come, then the Result. Fails (at the call) before any text."""
+        prepared = self.prepare(model, parse_inputs(inputs))
+        return prepared.run(prepared.generate())
+
+    def close(self) -> None:
+        with self._lock:
+            for batcher in self._batchers.values():  # first: they decode on the engines' models
+                batcher.close()
+            for engine in self._engines.values():
+                engine.close()
+            self._batchers.clear()
+            self._engines.clear()
 
 
 @dataclass
-class Config:
-    """How this process generates. Off by default for the Python API: every answer is exact
-    (bit-identical to a solo run). `localgemma serve` turns batching on unless --exact."""
+class Prepared:
+    """A validated request, ready for the engine, and what turns its text into the Result."""
 
-    batching: bool = False  # concurrent unseeded requests share decode steps (localgemma.batching)
-    exact: bool = False  # with batching on: every request runs alone, exactly
-    parallel: Optional[int] = None  # sequences per batch (None: LOCALGEMMA_PARALLEL or 4)
-    ctx: Optional[int] = None  # KV cells shared by them (None: LOCALGEMMA_BATCH_CTX or 4096)
+    runtime: Runtime
+    engine: "Engine"
+    request: GenerationRequest
+    asked: int  # max_tokens as asked (the request's may be clamped to the context)
+    schema: Optional[dict] = None
+    tools: list = field(default_factory=list)
+    tool_mode: str = "auto"
 
+    def generate(self) -> Iterator[Chunk]:
+        batcher = self.runtime.batcher(self.engine)
+        return (batcher or self.engine).generate(self.request)
 
-config = Config()
+    def run(self, chunks: Iterator[Chunk]) -> Iterator[Union[Chunk, Result]]:
+        """The text chunks, then the Result made from all of them."""
+        parts = []
+        try:
+            for chunk in chunks:
+                if chunk.finish_reason is None:
+                    parts.append(chunk.text)
+                    yield chunk
+                else:
+                    yield self.finish("".join(parts), chunk)
+        finally:
+            chunks.close()  # in this thread: frees the engine at once
 
-
-def configure(**fields: Any) -> Config:
-    """`configure(batching=True, parallel=8)`: applies to batchers created afterwards."""
-    global config
-    config = replace(config, **fields)
-    return config
-
-
-def get_engine(model: Optional[str] = None) -> Engine:
-    """The engine for a model id or .gguf path, loaded once per process and kept."""
-    from .models import CATALOG, resolve
-
-    path = resolve(model).resolve()
-    with _engines_lock:
-        engine = _engines.get(path)
-        if engine is None:
-            spec = CATALOG.get(model or "")
-            n_ctx = int(os.environ.get("LOCALGEMMA_N_CTX", 0)) or (spec.n_ctx if spec else None)
-            n_threads = int(os.environ.get("LOCALGEMMA_THREADS", 0)) or None
-            engine = _engines[path] = Engine(path, n_ctx=n_ctx, n_threads=n_threads)
-        return engine
-
-
-def get_batcher(model: Optional[str] = None) -> "Batcher":
-    """The batch scheduler over a model's engine, created on first use and kept."""
-    return batcher_for(get_engine(model))
-
-
-def batcher_for(engine: Engine) -> "Batcher":
-    from .batching import Batcher
-
-    with _engines_lock:
-        batcher = _batchers.get(engine.path)
-        if batcher is None:
-            batcher = _batchers[engine.path] = Batcher(engine, config.parallel, config.ctx)
-        return batcher
+    def finish(self, text: str, last: Chunk) -> Result:
+        usage = Usage(last.prompt_tokens, last.completion_tokens)
+        if self.schema is not None:
+            value = structured.parse(text, self.schema, last.finish_reason, self.asked)
+            return Result(text, last.finish_reason, usage, value=value)
+        if self.tools:
+            call = tools_mod.parse_call(text, self.tools, self.tool_mode)
+            if call is not None:
+                return Result(text, "tool_calls", usage, tool_calls=(call,))
+        return Result(text, last.finish_reason, usage)
 
 
-def unload_all() -> None:
-    with _engines_lock:
-        for batcher in _batchers.values():  # first: they decode on the engines' models
-            batcher.close()
-        _batchers.clear()
-        for engine in _engines.values():
-            engine.close()
-        _engines.clear()
-
-
-def encode(engine: Engine, inputs: Inputs, preamble: Optional[str] = None) -> list[int]:
+def encode(engine: "Engine", inputs: Inputs, preamble: Optional[str] = None) -> list[int]:
     """The prompt's token ids. Templated text is tokenized with control parsing off, so
     '<start_of_turn>' typed by a user stays text; `raw` prompts are the caller's format."""
     if isinstance(inputs, PromptInputs) and inputs.raw:
@@ -113,7 +181,7 @@ def encode(engine: Engine, inputs: Inputs, preamble: Optional[str] = None) -> li
     return ids
 
 
-def stop_tokens(engine: Engine, inputs: Inputs) -> frozenset[int]:
+def stop_tokens(engine: "Engine", inputs: Inputs) -> frozenset[int]:
     """Templated replies also end where the model starts a new turn (as Ollama's Gemma
     template does); in raw mode only the model's own end tokens stop it."""
     if inputs.raw:
@@ -121,63 +189,27 @@ def stop_tokens(engine: Engine, inputs: Inputs) -> frozenset[int]:
     return frozenset({engine.control_token(template.START)})
 
 
-@dataclass
-class Prepared:
-    """A validated request, ready for the engine, and what turns its text into the result."""
+# -- the Python API: a default runtime, exact ----------------------------------------------------
 
-    engine: Engine
-    tokens: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop: frozenset[int]
-    adapters: tuple[AdapterRef, ...]
-    schema: Optional[dict] = None
-    tools: list = field(default_factory=list)
-    tool_mode: str = "auto"
-
-    def generate(self) -> Iterator[Chunk]:
-        if not config.batching:
-            return self.engine.generate(self.tokens, self.params, self.max_tokens, self.stop, self.adapters)
-        batcher = batcher_for(self.engine)  # exact/seeded requests pause it and run alone
-        return batcher.generate(self.tokens, self.params, self.max_tokens, self.stop, self.adapters,
-                                exact=config.exact)
-
-    def finish(self, text: str, last: Chunk) -> Result:
-        """The result's fields beyond usage: response (parsed JSON with a schema), tool_calls."""
-        if self.schema is not None:
-            return {"response": structured.parse(text, self.schema, last.finish_reason, self.max_tokens)}
-        if self.tools:
-            call = tools_mod.parse_call(text, self.tools, self.tool_mode)
-            if call is not None:
-                return {"response": "", "tool_calls": [call]}
-        return {"response": text}
+_default = Runtime(exact=True)
 
 
-def prepare(model: Optional[str], inputs: Inputs) -> Prepared:
-    """Everything that can refuse a request, done before any token is generated."""
-    schema, grammar, tools, mode, preamble = None, None, [], "auto", None
-    if isinstance(inputs, MessagesInputs) and (inputs.tools or inputs.functions):
-        if inputs.response_format is not None:
-            raise InvalidInput("response_format: cannot be combined with tools; use one or the other")
-        tools = tools_mod.tools_of(inputs)
-        mode, name = tools_mod.choice_of(inputs.tool_choice, tools)
-        grammar = tools_mod.grammar(tools, mode, name)
-        preamble = tools_mod.render(tools) if mode != "none" else None
-    elif isinstance(inputs, MessagesInputs) and inputs.tool_choice not in (None, "none", "auto"):
-        raise InvalidInput("tool_choice: asks for a tool call, but the request has no tools")
-    if inputs.response_format is not None:
-        schema = structured.schema_of(inputs.response_format)
-        grammar = structured.grammar_for(schema)
-    adapters = finetunes.adapters_for(model, inputs.lora)
-    engine = get_engine(model)
-    params = replace(SamplingParams.from_inputs(inputs), grammar=grammar)
-    return Prepared(engine, encode(engine, inputs, preamble), params, inputs.max_tokens,
-                    stop_tokens(engine, inputs), adapters, schema, tools, mode)
+def configure(*, exact: bool) -> Runtime:
+    """`configure(exact=False)`: from now on the Python API batches concurrent unseeded
+    requests (as `localgemma serve` does); exact=True (the default) runs each alone."""
+    global _default
+    if exact != _default.exact:
+        old, _default = _default, Runtime(exact=exact)
+        old.close()
+    return _default
 
 
-class Cancelled(LocalGemmaError):
-    code = 3008  # Cloudflare's "aborted"
-    status = 408
+def get_engine(model: Optional[str] = None) -> "Engine":
+    return _default.engine(model)
+
+
+def get_batcher(model: Optional[str] = None) -> Optional["Batcher"]:
+    return _default.batcher(_default.engine(model))
 
 
 def run(model: Optional[str] = None, inputs: Union[dict, Inputs, None] = None, *,
@@ -189,47 +221,18 @@ def run(model: Optional[str] = None, inputs: Union[dict, Inputs, None] = None, *
     `run("@cf/google/gemma-2b-it-lora", {"prompt": "hi"})`, or keyword fields:
     `run(prompt="hi", temperature=0)`. `model=None` is the embedded Gemma 3 270M.
     `cancel`, when set (from another thread), stops a non-streamed generation between tokens
-    with `Cancelled`; a stream is stopped by no longer iterating it (and closing it).
+    with `Aborted`; a stream is stopped by no longer iterating it (and closing it).
     """
     if not isinstance(inputs, (PromptInputs, MessagesInputs)):
         inputs = {**(inputs or {}), **fields}
     inputs = parse_inputs(inputs)
-    prepared = prepare(model, inputs)
-    chunks = prepared.generate()
-    return _stream(chunks, prepared) if inputs.stream else _collect(chunks, prepared, cancel)
-
-
-def usage(last: Chunk) -> dict[str, int]:
-    return {
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": last.prompt_tokens + last.completion_tokens,
-    }
-
-
-def _collect(chunks: Iterator[Chunk], prepared: Prepared, cancel: Optional[threading.Event] = None) -> Result:
-    parts = []
-    try:
-        for chunk in chunks:
-            parts.append(chunk.text)
+    items = _default.stream(model, inputs)
+    if inputs.stream:
+        return (event(item) for item in items)
+    with contextlib.closing(items):
+        for item in items:
             if cancel is not None and cancel.is_set():
-                raise Cancelled("the request was cancelled before it finished")
-    finally:
-        chunks.close()  # in this thread: frees the engine at once
-    return {**prepared.finish("".join(parts), chunk), "usage": usage(chunk)}
-
-
-def _stream(chunks: Iterator[Chunk], prepared: Prepared) -> Iterator[Result]:
-    parts = []
-    for chunk in chunks:
-        if chunk.finish_reason is None:
-            parts.append(chunk.text)
-            yield {"response": chunk.text}
-    final: Result = {"response": "", "usage": usage(chunk)}
-    if prepared.schema is not None or prepared.tools:
-        done = prepared.finish("".join(parts), chunk)
-        if "tool_calls" in done:
-            final["tool_calls"] = done["tool_calls"]
-        elif prepared.schema is not None:
-            final["parsed"] = done["response"]
-    yield final
+                raise Aborted("the request was cancelled before it finished")
+            if isinstance(item, Result):
+                return output(item)
+    raise AssertionError("a generation ends with its Result")  # pragma: no cover

@@ -10,11 +10,12 @@ truncates or penalises nothing.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-import llama_cpp
+from .errors import InvalidInput
 
 U32 = 0xFFFFFFFF
 # Penalties look back over every token generated so far (prompt tokens do not count: they
@@ -31,7 +32,7 @@ MIN_PENALTY = 1e-6
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.6
+    temperature: float  # no default here: the contract has it (0.6)
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     seed: Optional[int] = None  # the contract's seed, 1..9999999999
@@ -40,8 +41,23 @@ class SamplingParams:
     presence_penalty: Optional[float] = None
     grammar: Optional[str] = None  # GBNF, root rule "root"
 
+    def __post_init__(self):
+        """The engine's own invariants (the contract's bounds are stricter): finite numbers,
+        nothing negative that would divide or truncate by it."""
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise InvalidInput(f"{name}: {value!r}; expected a finite number")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if (getattr(self, name) or 0) < 0:
+                raise InvalidInput(f"{name}: {getattr(self, name)}; expected a number of at least 0")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise InvalidInput(f"top_k: {self.top_k!r}; expected a whole number of at least 1")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise InvalidInput(f"seed: {self.seed!r}; expected a whole number of at least 0")
+
     @classmethod
-    def from_inputs(cls, inputs) -> "SamplingParams":
+    def from_inputs(cls, inputs, grammar: Optional[str] = None) -> "SamplingParams":
         """The one translation from wire fields to engine parameters."""
         return cls(
             temperature=inputs.temperature,
@@ -51,6 +67,7 @@ class SamplingParams:
             repetition_penalty=inputs.repetition_penalty,
             frequency_penalty=inputs.frequency_penalty,
             presence_penalty=inputs.presence_penalty,
+            grammar=grammar,
         )
 
 
@@ -99,18 +116,26 @@ class ChainSampler:
     """The plain path: llama.cpp samples natively, no Python per token beyond one call."""
 
     def __init__(self, chain):
+        import llama_cpp
+
         self.chain = chain
+        self._sample, self._free = llama_cpp.llama_sampler_sample, llama_cpp.llama_sampler_free
 
     def sample(self, ctx, idx: int = -1) -> int:
         """`idx`: the batch row holding this sequence's logits (-1: the last one, single-sequence)."""
-        return llama_cpp.llama_sampler_sample(self.chain, ctx, idx)
+        return self._sample(self.chain, ctx, idx)
 
     def free(self) -> None:
-        llama_cpp.llama_sampler_free(self.chain)
+        self._free(self.chain)
 
 
-def make_sampler(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
-    """Realise a plan: a native chain, or (with a grammar) the constrained sampler."""
+def make_sampler(params: SamplingParams, vocab, n_vocab: int, n_ctx: int):
+    """The sampler for these parameters, ready to `sample(ctx, row)`; `free()` it after."""
+    return realise(plan(params), vocab, n_vocab, n_ctx)
+
+
+def realise(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
+    """A plan as samplers: a native chain, or (with a grammar) the constrained sampler."""
     if steps and steps[0][0] == "grammar":
         from .constrained import ConstrainedSampler
 
@@ -122,6 +147,8 @@ def make_sampler(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
 
 
 def _chain(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
+    import llama_cpp
+
     chain_params = llama_cpp.llama_sampler_chain_default_params()
     chain_params.no_perf = True
     chain = llama_cpp.llama_sampler_chain_init(chain_params)
@@ -131,11 +158,11 @@ def _chain(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
 
 
 def _init(name: str, args, vocab, n_vocab: int, n_ctx: int):
+    import llama_cpp
+
     if name == "grammar":
         smpl = llama_cpp.llama_sampler_init_grammar(vocab, args[0].encode(), b"root")
         if not smpl:
-            from .errors import InvalidInput
-
             raise InvalidInput("response_format: llama.cpp's grammar parser refused the grammar made from this "
                                "schema (too many repetitions combined?); simplify the schema")
         return smpl

@@ -22,7 +22,7 @@ import json
 import math
 from typing import Any, Optional
 
-from .errors import InvalidInput, LocalGemmaError
+from .errors import InvalidInput, StructuredOutputError
 
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
                "deprecated", "readOnly", "writeOnly", "$defs", "definitions"}
@@ -34,12 +34,6 @@ MAX_DEPTH = 64  # nested JSON containers (an object property is two: "properties
 # nested optional groups; llama.cpp's grammar parser refuses more than 1000 (measured).
 MAX_REPEAT = 1000
 _REPEATS = ("minLength", "maxLength", "minItems", "maxItems")
-
-
-class StructuredOutputError(LocalGemmaError):
-    """The model's constrained output could not be completed (e.g. max_tokens ran out)."""
-
-    code = 5004
 
 
 def schema_of(response_format) -> dict:

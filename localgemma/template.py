@@ -19,8 +19,6 @@ from typing import Optional, Sequence
 
 START = "<start_of_turn>"
 END = "<end_of_turn>"
-CONTROL = (START, END)
-STOP_STRINGS = (END, "<eos>")
 
 # Gemma has two roles; everything a client may send maps onto them.
 ROLE_MAP = {"user": "user", "assistant": "model", "model": "model", "tool": "user"}

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import InvalidInput
 from . import structured
-from .structured import StructuredOutputError, grammar_for
+from .errors import InvalidInput, StructuredOutputError
+from .structured import grammar_for
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

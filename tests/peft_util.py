@@ -166,3 +166,22 @@ def _encode(values: np.ndarray, dtype: str) -> bytes:
     if dtype == "bfloat16":
         return to_bf16_bits(values).astype("<u2").tobytes()
     return values.astype("<f4" if dtype == "float32" else "<f2").tobytes()
+
+
+def write_gguf_adapter(path: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], alpha: float = 8.0) -> Path:
+    """A llama.cpp LoRA GGUF written directly ({base tensor: (lora_a, lora_b)}), bypassing the
+    converter: for adapters the converter would never make (foreign shapes, mismatched ranks)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    for name, (a, b) in pairs.items():
+        writer.add_tensor(f"{name}.lora_a", np.asarray(a, np.float32))
+        writer.add_tensor(f"{name}.lora_b", np.asarray(b, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

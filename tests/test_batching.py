@@ -10,9 +10,9 @@ import pytest
 
 import localgemma
 from localgemma import finetunes, runtime
-from localgemma.adapters import AdapterRef
 from localgemma.batching import Batcher
 from localgemma.engine import Engine
+from localgemma.generation import AdapterRef, GenerationRequest
 from localgemma.sampling import SamplingParams
 from peft_util import make_peft_adapter
 
@@ -67,6 +67,10 @@ def ids(engine, text):
     return engine.tokenize(text, add_bos=True)
 
 
+def req(tokens, n, adapters=()):
+    return GenerationRequest(tuple(tokens), GREEDY, n, adapters=adapters)
+
+
 def text_of(chunks):
     return "".join(c.text for c in chunks)
 
@@ -100,12 +104,12 @@ def test_adapter_sets_stay_isolated_in_a_batch(engine, batcher, adapter_refs):
     cases = [(PROMPTS[i], name) for i in (0, 2, 6, 7) for name in adapter_refs]
     solo = {}
     for p, name in cases:
-        chunks = list(engine.generate(ids(engine, p), GREEDY, 8, adapters=adapter_refs[name]))
+        chunks = list(engine.generate(req(ids(engine, p), 8, adapter_refs[name])))
         solo[p, name] = text_of(chunks)
     assert len({solo[c] for c in cases}) > len(cases) * 2 // 3  # the adapters really answer differently
     jobs = cases * 2  # 24 requests over 8 slots and 3 adapter sets: groups must take turns
-    together = concurrently(lambda p, name: text_of(batcher.generate(ids(engine, p), GREEDY, 8,
-                                                                      adapters=adapter_refs[name])), jobs)
+    together = concurrently(lambda p, name: text_of(batcher.generate(req(ids(engine, p), 8, adapter_refs[name]))),
+                            jobs)
     confident = 0
     for (p, name), got in zip(jobs, together):
         others = {solo[p, o] for o in adapter_refs if o != name} - {solo[p, name]}
@@ -116,7 +120,7 @@ def test_adapter_sets_stay_isolated_in_a_batch(engine, batcher, adapter_refs):
     print(f"isolation: {sum(g == solo[c] for c, g in zip(jobs, together))}/{len(jobs)} batched answers equal solo; "
           f"{confident} confident tokens agreed")
     assert confident >= len(jobs) // 2  # sure tokens exist, and were checked
-    assert not batcher._running and len(batcher._free) == batcher.parallel
+    assert not batcher.policy.running and len(batcher.policy.free) == batcher.parallel
 
 
 def test_no_adapter_set_starves(engine, adapter_refs):
@@ -126,14 +130,14 @@ def test_no_adapter_set_starves(engine, adapter_refs):
     done = []
 
     def one(name, n):
-        text_of(small.generate(ids(engine, "la la la la"), GREEDY, n, adapters=adapter_refs[name]))
+        text_of(small.generate(req(ids(engine, "la la la la"), n, adapter_refs[name])))
         done.append(name)
 
     try:
         threads = [threading.Thread(target=one, args=(None, 40)) for _ in range(5)]
         for t in threads:
             t.start()
-        while len(small._running) + len(small._waiting) < 5:  # all base requests are in line first
+        while len(small.policy.running) + len(small.policy.waiting) < 5:  # all base requests are in line first
             time.sleep(0.005)
         threads.append(threading.Thread(target=one, args=("a", 4)))
         threads[-1].start()
@@ -145,7 +149,7 @@ def test_no_adapter_set_starves(engine, adapter_refs):
 
 
 def solo_greedy_ids(engine, prompt_ids, n=32):
-    return prompt_ids + engine.tokenize(text_of(engine.generate(prompt_ids, GREEDY, n)))[:n]
+    return prompt_ids + engine.tokenize(text_of(engine.generate(req(prompt_ids, n))))[:n]
 
 
 def test_logits_in_a_batch_of_8_stay_within_the_bound(engine, batcher):
@@ -179,9 +183,9 @@ def margin_drift(alone, together, k=20) -> float:
 
 @pytest.fixture
 def batching_on():
-    runtime.configure(batching=True, exact=False)
+    runtime.configure(exact=False)
     yield
-    runtime.configure(batching=False, exact=False)
+    runtime.configure(exact=True)
 
 
 RUN = dict(prompt="Once upon a time", raw=True, max_tokens=16)
@@ -190,29 +194,28 @@ RUN = dict(prompt="Once upon a time", raw=True, max_tokens=16)
 def test_seeded_and_exact_requests_equal_solo(batching_on):
     plain = [dict(RUN, temperature=0.9, seed=s) for s in (1, 2, 3)] + [dict(RUN, temperature=0, prompt=p)
                                                                        for p in PROMPTS[:3]]
-    runtime.configure(batching=False)
+    runtime.configure(exact=True)
     solo = [localgemma.run(None, r)["response"] for r in plain[:3]]
-    runtime.configure(batching=True)
+    runtime.configure(exact=False)
     mixed = plain[:3] + plain[3:]  # seeded ones run exactly while unseeded ones batch
     got = concurrently(lambda r: localgemma.run(None, r)["response"], [(r,) for r in mixed])
     assert got[:3] == solo
     runtime.configure(exact=True)
     exact = concurrently(lambda r: localgemma.run(None, r)["response"], [(r,) for r in plain[3:]])
-    runtime.configure(batching=False)
     assert exact == [localgemma.run(None, r)["response"] for r in plain[3:]]
 
 
 def test_cancel_mid_batch_frees_the_sequence(engine):
     small = Batcher(engine, parallel=2, n_ctx=1024)
     try:
-        long = lambda p: small.generate(ids(engine, p), GREEDY, 200)  # noqa: E731
+        long = lambda p: small.generate(req(ids(engine, p), 200))  # noqa: E731
         first, second = long(PROMPTS[0]), long(PROMPTS[1])
         next(first), next(second)
-        assert len(small._running) == 2
+        assert len(small.policy.running) == 2
         first.close()  # the client went away
         third = long(PROMPTS[2])
         got = next(third).text  # admitted: the cancelled sequence's slot was reused
-        assert got and len(small._running) == 2
+        assert got and len(small.policy.running) == 2
         rest = list(second)
         assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 200
         third.close()

@@ -1,7 +1,8 @@
 """localgemma.convert: PEFT LoRA -> GGUF, merge, quantize, and the `convert` CLI.
 
-Fast tests check files (metadata, names, shapes, scales, refusals); tests marked e2e load the
-embedded Gemma 3 270M in llama.cpp and compare last-token logits for a fixed prompt.
+Fast tests check files (metadata, names, shapes, scales, refusals) against a stand-in base
+with the embedded model's header (tests/fake_base.py); tests marked e2e load the real embedded
+Gemma 3 270M in llama.cpp and compare last-token logits for a fixed prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from localgemma.convert.cli import _parse_adapter, convert
 from localgemma.convert.gguf_lora import open_gguf
 from localgemma.convert.safetensors_io import read_safetensors
 from localgemma.errors import ConversionError
+from fake_base import write_fake_base
 from peft_util import make_peft_adapter, peft_scale, to_bf16_bits, write_safetensors
 
 GGUF_KIND = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -47,7 +49,13 @@ def no_output(out: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def base(embedded_gguf) -> Path:
+def base(tmp_path_factory) -> Path:
+    """The embedded model's header over sparse zero weights: what conversion reads, instantly."""
+    return write_fake_base(tmp_path_factory.mktemp("fake-base") / "gemma-3-270m-like.gguf")
+
+
+@pytest.fixture(scope="module")
+def real_base(embedded_gguf) -> Path:
     return embedded_gguf
 
 
@@ -342,8 +350,8 @@ class Llama:
 
 
 @pytest.fixture(scope="module")
-def base_llama(base):
-    llama = Llama(base)
+def base_llama(real_base):
+    llama = Llama(real_base)
     yield llama
     llama.close()
 
@@ -370,14 +378,14 @@ def test_llama_cpp_loads_the_adapter_and_it_changes_the_logits(base_llama, adapt
 
 
 @pytest.mark.e2e
-def test_merged_f16_matches_the_adapter_at_runtime(base, qv_adapter, work):
+def test_merged_f16_matches_the_adapter_at_runtime(real_base, qv_adapter, work):
     """On an F16 base both paths see the same base weights, so only the merge itself differs.
 
     Measured: max |logit diff| 0.016-0.019 (mean 0.003), while the adapter moves logits by up to
     6.5; the bound below leaves ~5x headroom. (On the Q4_K_M base the runtime path quantizes
     activations for the matmuls, which alone gives ~0.9 max diff against any F16 model.)
     """
-    f16 = quantize(base, work / "base-f16.gguf", "F16")
+    f16 = quantize(real_base, work / "base-f16.gguf", "F16")
     adapter = peft_to_gguf(qv_adapter, f16, work / "qv-f16.gguf")
     info = merge(f16, [(adapter.out_path, 1.0)], work / "merged-f16.gguf")
     assert info.out_type == "F16" and len(info.merged) == 36
@@ -400,12 +408,12 @@ def test_merged_f16_matches_the_adapter_at_runtime(base, qv_adapter, work):
 
 
 @pytest.mark.e2e
-def test_merge_keeps_the_base_types_and_untouched_tensors_byte_identical(base, qv_adapter, adapted_logits, work):
+def test_merge_keeps_the_base_types_and_untouched_tensors_byte_identical(real_base, qv_adapter, adapted_logits, work):
     """Q4_K_M base + PEFT folder (converted on the fly) -> Q4_K_M, through llama.cpp's quantizer."""
     steps = []
-    info = merge(base, [(qv_adapter, 1.0)], work / "merged-q4.gguf", progress=lambda d, n: steps.append((d, n)))
+    info = merge(real_base, [(qv_adapter, 1.0)], work / "merged-q4.gguf", progress=lambda d, n: steps.append((d, n)))
     assert info.out_type == "Q4_K_M" and steps[-1] == (37, 37) and len(steps) == 37
-    original, written = open_gguf(base), open_gguf(info.out_path)
+    original, written = open_gguf(real_base), open_gguf(info.out_path)
     assert written.get_field("general.file_type").contents() == 15
     out = {t.name: t for t in written.tensors}
     for t in original.tensors:
@@ -422,8 +430,8 @@ def test_merge_keeps_the_base_types_and_untouched_tensors_byte_identical(base, q
 
 
 @pytest.mark.e2e
-def test_quantize_through_llama_cpp(base, work):
-    out = quantize(base, work / "q8.gguf", "q8_0")
+def test_quantize_through_llama_cpp(real_base, work):
+    out = quantize(real_base, work / "q8.gguf", "q8_0")
     llama = Llama(out)
     assert llama.c.llama_model_ftype(llama.model) == llama.c.LLAMA_FTYPE_MOSTLY_Q8_0
     assert np.isfinite(llama.logits()).all()
@@ -439,6 +447,7 @@ def test_parse_adapter_scale():
     assert _parse_adapter("dir/with:colon") == ("dir/with:colon", 1.0)
 
 
+@pytest.mark.e2e  # the embedded model's file is the default base
 def test_cli_lora_uses_the_embedded_base_by_default(qv_adapter, tmp_path):
     result = CliRunner().invoke(convert, ["lora", str(qv_adapter), "-o", str(tmp_path / "x.gguf")])
     assert result.exit_code == 0, result.output
@@ -457,8 +466,8 @@ def test_cli_turns_refusals_into_one_line_errors(base, tmp_path):
 
 
 @pytest.mark.e2e
-def test_cli_merge_with_scale_and_type(base, qv_gguf, tmp_path):
+def test_cli_merge_with_scale_and_type(real_base, qv_gguf, tmp_path):
     out = tmp_path / "m.gguf"
-    result = CliRunner().invoke(convert, ["merge", str(base), f"{qv_gguf.out_path}:0.5", "-o", str(out), "--type", "Q8_0"])
+    result = CliRunner().invoke(convert, ["merge", str(real_base), f"{qv_gguf.out_path}:0.5", "-o", str(out), "--type", "Q8_0"])
     assert result.exit_code == 0, result.output
     assert "Q8_0, 36 weights merged" in result.output and out.exists()

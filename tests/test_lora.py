@@ -11,9 +11,10 @@ import pytest
 
 import localgemma
 from localgemma import finetunes
-from localgemma.adapters import AdapterCache, AdapterMismatch, AdapterRef
+from localgemma.adapters import AdapterCache
 from localgemma.engine import Engine
-from localgemma.errors import ConversionError, InvalidInput
+from localgemma.errors import AdapterMismatch, ConversionError, InvalidInput
+from localgemma.generation import AdapterRef, GenerationRequest
 from localgemma.sampling import SamplingParams
 from peft_util import make_peft_adapter
 
@@ -185,7 +186,8 @@ def test_isolation_sequence_equals_each_alone(registered, embedded_gguf):
         fresh = Engine(embedded_gguf, n_ctx=512)
         ids = fresh.tokenize(PROMPT["prompt"], add_bos=True)
         refs = (AdapterRef(str(finetunes.get(name).adapter_path)),) if name else ()
-        alone[name] = "".join(c.text for c in fresh.generate(ids, SamplingParams(temperature=0), 12, adapters=refs))
+        alone[name] = "".join(c.text for c in fresh.generate(
+            GenerationRequest(tuple(ids), SamplingParams(temperature=0), 12, adapters=refs)))
         fresh.close()
     assert in_sequence == [alone[name] for name in sequence]
 
@@ -205,20 +207,15 @@ def test_adapter_for_another_model_is_refused(registered):
 
 
 def test_adapter_with_foreign_shapes_is_a_clear_error(tmp_path, embedded_gguf):
-    import gguf
     import numpy as np
+    from peft_util import write_gguf_adapter
 
-    bad = tmp_path / "foreign.gguf"
-    writer = gguf.GGUFWriter(str(bad), "gemma3")
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", 8.0)
-    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 2048), np.float32))  # 2B-sized, not 270M
-    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((2048, 8), np.float32))
-    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    bad = write_gguf_adapter(tmp_path / "foreign.gguf", {  # 2B-sized, not 270M
+        "blk.0.attn_q.weight": (np.zeros((8, 2048)), np.zeros((2048, 8)))})
     engine = localgemma.runtime.get_engine(None)
     with pytest.raises(AdapterMismatch, match="made for another base"):
-        list(engine.generate([2, 651], SamplingParams(temperature=0), 2, adapters=(AdapterRef(str(bad)),)))
+        list(engine.generate(GenerationRequest((2, 651), SamplingParams(temperature=0), 2,
+                                               adapters=(AdapterRef(str(bad)),))))
     assert answer() == answer()  # the engine is unharmed
 
 

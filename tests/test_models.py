@@ -16,6 +16,7 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+@pytest.mark.e2e  # assembles the real file
 def test_default_is_the_embedded_model(embedded_gguf):
     assert models.resolve(None) == embedded_gguf == models.resolve(models.EMBEDDED_ID)
     assert embedded_gguf.stat().st_size > 250_000_000
@@ -30,8 +31,8 @@ def test_unknown_id_says_what_is_known():
     assert "@cf/google/gemma-2b-it-lora" in message and "models bind" in message
 
 
-def test_gguf_path_works_and_non_gguf_is_refused(embedded_gguf, tmp_path):
-    assert models.resolve(str(embedded_gguf)) == embedded_gguf
+def test_gguf_path_works_and_non_gguf_is_refused(fake_gguf, tmp_path):
+    assert models.resolve(str(fake_gguf)) == fake_gguf
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a model")
     with pytest.raises(ModelUnavailable, match="is not a GGUF file"):
@@ -40,9 +41,9 @@ def test_gguf_path_works_and_non_gguf_is_refused(embedded_gguf, tmp_path):
         models.resolve(str(tmp_path / "missing.gguf"))
 
 
-def test_bind_a_workers_ai_id_to_a_local_file(home, embedded_gguf):
-    models.bind("@cf/google/gemma-2b-it-lora", embedded_gguf)
-    assert models.resolve("@cf/google/gemma-2b-it-lora") == embedded_gguf.resolve()
+def test_bind_a_workers_ai_id_to_a_local_file(home, fake_gguf):
+    models.bind("@cf/google/gemma-2b-it-lora", fake_gguf)
+    assert models.resolve("@cf/google/gemma-2b-it-lora") == fake_gguf.resolve()
     assert (home / "bindings.json").exists()
     models.unbind("@cf/google/gemma-2b-it-lora")
     with pytest.raises(UnknownModel, match="not bound"):
@@ -72,11 +73,11 @@ def test_catalog_rows():
         assert spec.n_ctx == 8192 and spec.repo and spec.filename.lower().endswith("q4_k_m.gguf")
 
 
-def test_memory_check_refuses_with_numbers(embedded_gguf):
-    mib = round(embedded_gguf.stat().st_size / 2**20)
-    with pytest.raises(InsufficientMemory, match=rf"needs {mib} MiB but only 100 MiB of memory is available"):
-        check_memory(embedded_gguf, available=100 * 2**20)
-    check_memory(embedded_gguf, available=2**40)
+def test_memory_check_refuses_with_numbers(fake_gguf):
+    mib = round(fake_gguf.stat().st_size / 2**20)
+    with pytest.raises(InsufficientMemory, match=rf"needs {mib:,} MiB but only 100 MiB of memory is available"):
+        check_memory(fake_gguf, available=100 * 2**20)
+    check_memory(fake_gguf, available=2**40)
 
 
 def test_embedded_assembly_is_atomic(home, monkeypatch):

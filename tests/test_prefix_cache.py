@@ -4,6 +4,7 @@ its prefix came from the cache or was computed cold."""
 import pytest
 
 from localgemma.engine import Engine
+from localgemma.generation import GenerationRequest
 from localgemma.sampling import SamplingParams
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +22,7 @@ def prompt(engine, question, turns=()):
 
 
 def generate(engine, ids, params):
-    return "".join(c.text for c in engine.generate(ids, params, 24))
+    return "".join(c.text for c in engine.generate(GenerationRequest(tuple(ids), params, 24)))
 
 
 @pytest.fixture(scope="module")

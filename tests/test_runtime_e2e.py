@@ -6,8 +6,10 @@ import localgemma
 from localgemma.contract import parse_inputs
 from localgemma.engine import Engine
 from localgemma.errors import ContextOverflow
-from localgemma.runtime import encode, get_engine
+from localgemma.generation import GenerationRequest, Result
+from localgemma.runtime import Runtime, encode, get_engine
 from localgemma.sampling import SamplingParams
+from localgemma.settings import current
 
 pytestmark = pytest.mark.e2e
 
@@ -142,19 +144,23 @@ def small(embedded_gguf):
 def test_prompt_longer_than_context_names_both_numbers(small):
     ids = small.tokenize("word " * 400, add_bos=True)
     with pytest.raises(ContextOverflow, match=rf"prompt is {len(ids)} tokens but the context holds {small.n_ctx}"):
-        small.generate(ids, SamplingParams(temperature=0), 10)
+        small.generate(GenerationRequest(tuple(ids), SamplingParams(temperature=0), 10))
 
 
 def test_max_tokens_beyond_context_is_clamped_with_length(small):
+    runtime = Runtime(current(n_ctx=256))
     ids = small.tokenize("one two three " * 200, add_bos=True)[: small.n_ctx - 3]
-    chunks = list(small.generate(ids, SamplingParams(temperature=0), 100))
-    assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("length", 3)
+    prompt = small.detokenize(ids[1:])
+    assert len(runtime.engine(None).tokenize(prompt, special=True, add_bos=True)) == len(ids)
+    *_, result = runtime.stream(None, {"prompt": prompt, "raw": True, "temperature": 0, "max_tokens": 100})
+    assert isinstance(result, Result) and (result.finish_reason, result.usage.completion_tokens) == ("length", 3)
+    runtime.close()
 
 
 def test_finish_reason_stop_at_the_models_end_token(small):
     # The base model ends a finished HTML page with <eos> straight after a newline.
     ids = small.tokenize("</body>\n</html>", add_bos=True)
-    chunks = list(small.generate(ids, SamplingParams(temperature=0), 200))
+    chunks = list(small.generate(GenerationRequest(tuple(ids), SamplingParams(temperature=0), 200)))
     assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("stop", 1)
     assert "".join(c.text for c in chunks) == "\n"
 
@@ -162,5 +168,6 @@ def test_finish_reason_stop_at_the_models_end_token(small):
 def test_extra_stop_tokens_end_generation_unshown(small):
     ids = small.tokenize("la la la la la la la la", add_bos=True)
     la = small.tokenize(" la")[0]
-    chunks = list(small.generate(ids, SamplingParams(temperature=0), 50, stop=frozenset({la})))
+    chunks = list(small.generate(GenerationRequest(tuple(ids), SamplingParams(temperature=0), 50,
+                                                   stop_tokens=frozenset({la}))))
     assert chunks == [chunks[-1]] and (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("stop", 0)

@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from fastapi.exceptions import RequestValidationError
 
 from localgemma.contract import parse_inputs
-from localgemma.errors import InvalidInput, UnknownModel
+from localgemma.errors import InvalidInput, QueueFull, UnknownModel, Unsupported
+from localgemma.generation import AdapterRef, Chunk, Decoder, GenerationRequest, Result, Usage
 from localgemma.models import EMBEDDED_ID
+from localgemma.sampling import SamplingParams
 from localgemma.server import errors, queue
-from localgemma.server.errors import QueueFull, Unsupported
 from localgemma.server.openai_shim import chat_inputs, completion_inputs, split_model
 from localgemma.server.openai_types import ChatCompletionRequest, CompletionRequest
-from localgemma.server.sse import dumps, finish_reason
+from localgemma.server.sse import dumps
 
 TWO_B = "@cf/google/gemma-2b-it-lora"
 
@@ -97,10 +99,34 @@ def test_split_model():
         split_model("/etc/some.gguf")  # paths are not models over HTTP
 
 
-def test_finish_reason_follows_the_engine_budget():
-    assert finish_reason({"prompt_tokens": 5, "completion_tokens": 10}, 10, 8192) == "length"
-    assert finish_reason({"prompt_tokens": 5, "completion_tokens": 9}, 10, 8192) == "stop"
-    assert finish_reason({"prompt_tokens": 250, "completion_tokens": 6}, 100, 256) == "length"  # context clamp
+def test_the_decode_step_decides_the_finish_reason():
+    """The one decode step (engine and batcher alike): EOG or a stop token end with "stop" and
+    are neither shown nor counted; the budget ends with "length"; UTF-8 is never split."""
+    pieces = {1: "é".encode()[:1], 2: "é".encode()[1:], 3: b"x", 9: b"", 7: b"<turn>"}
+    request = GenerationRequest((5, 6), SamplingParams(temperature=0), max_tokens=3, stop_tokens=frozenset({7}))
+    decode = Decoder(request, pieces.__getitem__, lambda t: t == 9)
+    assert [decode.step(t) for t in (1, 2)] == ["", "é"] and decode.finish is None
+    assert decode.step(7) == "" and decode.finish == "stop" and decode.last() == Chunk("", "stop", 2, 2)
+    decode = Decoder(request, pieces.__getitem__, lambda t: t == 9)
+    assert [decode.step(t) for t in (3, 3, 1)] == ["x", "x", ""] and decode.finish == "length"
+    assert decode.last() == Chunk("", "length", 2, 3)  # the half character cut off by the budget is dropped
+    decode = Decoder(request, pieces.__getitem__, lambda t: t == 9)
+    assert decode.step(9) == "" and decode.last().finish_reason == "stop" and decode.last().completion_tokens == 0
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(tokens=()), "the prompt has no tokens"),
+    (dict(max_tokens=0), "max_tokens: 0"),
+    (dict(adapters=(AdapterRef("a.gguf", float("nan")),)), "lora: scale nan"),
+    (dict(sampling=None), None),
+])
+def test_a_generation_request_checks_its_invariants_where_it_is_built(fields, message):
+    if message is None:
+        with pytest.raises(InvalidInput, match="temperature: inf"):
+            SamplingParams(temperature=float("inf"))
+        return
+    with pytest.raises(InvalidInput, match=message):
+        GenerationRequest(**{"tokens": (2,), "sampling": SamplingParams(temperature=0), "max_tokens": 4, **fields})
 
 
 def test_sse_json_is_compact_utf8():
@@ -125,7 +151,8 @@ def test_validation_errors_are_one_line_per_field():
         {"type": "missing", "loc": ("body", "model"), "msg": "Field required", "input": {}},
         {"type": "extra_forbidden", "loc": ("body", "foo"), "msg": "Extra inputs are not permitted", "input": 1}])
     err = errors.validation_error(exc)
-    assert err.message == "model: required; foo: unknown or unsupported parameter" and err.param == "model"
+    assert err.message == "model: Field required; foo: unknown or unsupported parameter" and err.param == "model"
+    assert err.code == 3010 and err.status == 400
     bad = RequestValidationError([{"type": "json_invalid", "loc": ("body", 7), "msg": "JSON decode error",
                                    "input": {}, "ctx": {"error": "Expecting value"}}])
     assert errors.validation_error(bad).message.startswith("malformed JSON body: Expecting value (at character 7)")
@@ -134,8 +161,8 @@ def test_validation_errors_are_one_line_per_field():
 # -- scheduler with a fake runtime -------------------------------------------------------------
 
 class FakeRuntime:
-    """runtime.run stand-in: streams `n` chunks, one per `delay` seconds, and records where
-    and when its generator was closed."""
+    """Runtime.stream stand-in: `n` chunks, one per `delay` seconds, then the Result; it
+    records where its generator was closed."""
 
     def __init__(self, n=1000, delay=0.002):
         self.n, self.delay = n, delay
@@ -144,41 +171,37 @@ class FakeRuntime:
         self.gate = threading.Event()
         self.gate.set()
 
-    def run(self, model, inputs, cancel=None):
-        self.cancel = cancel
-        if inputs.get("fail"):
+    def stream(self, model, inputs):
+        if getattr(inputs, "fail", False):
             raise InvalidInput("fail: asked to")
-        if not inputs.get("stream"):
-            return {"response": "whole", "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        return self._chunks()
+        return self._items(self.n if inputs.stream else 0)
 
-    def _chunks(self):
+    def _items(self, n):
         try:
-            for i in range(self.n):
+            for i in range(n):
                 self.gate.wait()
                 time.sleep(self.delay)
                 self.pulled += 1
-                yield {"response": str(i)}
-            yield {"response": "", "usage": {}}
+                yield Chunk(str(i))
+            yield Result("whole" if n == 0 else "", "stop", Usage(1, n))
         finally:
             self.closed_in = threading.get_ident()
 
-    def get_engine(self, model):
-        return type("E", (), {"n_ctx": 64})()
+
+def ask(stream=False, **more):
+    return SimpleNamespace(stream=stream, **more)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    rt = FakeRuntime()
-    monkeypatch.setattr(queue, "runtime", rt)
     monkeypatch.setattr(queue, "_engine_key", lambda model: model)
-    return rt
+    return FakeRuntime()
 
 
 def test_cancel_stops_within_a_chunk_and_closes_in_the_worker(fake):
     async def main():
-        sched = queue.Scheduler(max_queue=1)
-        job = await sched.start("m", {"stream": True})
+        sched = queue.Scheduler(fake, max_queue=1)
+        job = await sched.start("m", ask(stream=True))
         first = await job.get()
         await asyncio.sleep(0.05)
         job.cancel()
@@ -187,7 +210,7 @@ def test_cancel_stops_within_a_chunk_and_closes_in_the_worker(fake):
         return first, pulled_at_cancel, job
 
     first, pulled_at_cancel, job = asyncio.run(main())
-    assert first == {"response": "0"}
+    assert first == Chunk("0")
     assert fake.pulled - pulled_at_cancel <= 1 and job.stats.chunks_after_cancel <= 1
     assert job.stats.state == "cancelled" and fake.closed_in not in (None, threading.get_ident())
 
@@ -196,75 +219,74 @@ def test_queue_full_is_immediate_and_turns_are_fifo(fake):
     fake.gate.clear()  # the first job holds the model
 
     async def main():
-        sched = queue.Scheduler(max_queue=1)
-        running = await sched.start("m", {"stream": True})
+        sched = queue.Scheduler(fake, max_queue=1)
+        running = await sched.start("m", ask(stream=True))
         order = []
 
         async def later(tag):
-            job = await sched.start("m", {"stream": False})
+            job = await sched.start("m", ask())
             order.append(tag)
             return await job.get()
 
         waiting = asyncio.create_task(later("second"))
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull, match="1 waiting"):
-            await sched.start("m", {"stream": False})  # raises at once: no await on a turn
-        other = await (await sched.start("other-model", {"stream": False})).get()  # its own line
+            await sched.start("m", ask())  # raises at once: no await on a turn
+        other = await (await sched.start("other-model", ask())).get()  # its own line
         fake.gate.set()
         running.cancel()
         result = await waiting
         return order, result, other
 
     order, result, other = asyncio.run(main())
-    assert order == ["second"] and result["response"] == "whole" and other["response"] == "whole"
+    assert order == ["second"] and result.text == "whole" and other.text == "whole"
 
 
 def test_a_waiter_that_leaves_frees_its_place(fake):
     fake.gate.clear()
 
     async def main():
-        sched = queue.Scheduler(max_queue=1)
-        running = await sched.start("m", {"stream": True})
-        waiter = asyncio.create_task(sched.start("m", {"stream": False}))
+        sched = queue.Scheduler(fake, max_queue=1)
+        running = await sched.start("m", ask(stream=True))
+        waiter = asyncio.create_task(sched.start("m", ask()))
         await asyncio.sleep(0.01)
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
-        replacement = asyncio.create_task(sched.start("m", {"stream": False}))  # admitted: the place is free
+        replacement = asyncio.create_task(sched.start("m", ask()))  # admitted: the place is free
         await asyncio.sleep(0.01)
         fake.gate.set()
         running.cancel()
         return await (await replacement).get(), [s.state for s in sched.history]
 
     result, states = asyncio.run(main())
-    assert result["response"] == "whole" and states[1] == "cancelled"
+    assert result.text == "whole" and states[1] == "cancelled"
 
 
 def test_failure_before_the_first_chunk_is_raised_by_get(fake):
     async def main():
-        sched = queue.Scheduler(max_queue=0)
-        job = await sched.start("m", {"fail": True})
+        sched = queue.Scheduler(fake, max_queue=0)
+        job = await sched.start("m", ask(fail=True))
         with pytest.raises(InvalidInput, match="asked to"):
             await job.get()
         await asyncio.to_thread(job.join, 5)
-        return await (await sched.start("m", {"stream": False})).get()  # the line is free again
+        return await (await sched.start("m", ask())).get()  # the line is free again
 
-    assert asyncio.run(main())["response"] == "whole"
+    assert asyncio.run(main()).text == "whole"
 
 
 def test_preloader_reports_loading_then_ok(monkeypatch):
-    from localgemma import runtime
     from localgemma.server.app import Preloader
 
     gate = threading.Event()
-    monkeypatch.setattr(runtime, "get_engine", lambda model: gate.wait(5) if model == "slow" else (_ for _ in ()).throw(
-        UnknownModel("gone")) if model == "bad" else None)
-    loader = Preloader(["slow"])
+    runtime = SimpleNamespace(load=lambda model: gate.wait(5) if model == "slow" else (_ for _ in ()).throw(
+        UnknownModel("gone")))
+    loader = Preloader(runtime, ["slow"])
     loader.start()
     assert loader.status() == "loading"
     gate.set()
     loader._thread.join(5)
     assert loader.status() == "ok" and loader.state == {"slow": "ready"}
-    failing = Preloader(["bad"])
+    failing = Preloader(runtime, ["bad"])
     failing.start()
     failing._thread.join(5)
     assert failing.status() == "error" and failing.state["bad"] == "error: gone"

@@ -72,6 +72,7 @@ def test_enforceable_schemas_pass_the_check():
     assert unenforceable({"type": "string", "description": "annotations are fine", "title": "t"}) == []
 
 
+@pytest.mark.e2e
 def test_schema_shapes_of_workers_ai_and_openai_both_work():
     a = run(response_format={"type": "json_schema", "json_schema": SCHEMAS["enums"]}, temperature=0)
     b = run(response_format={"type": "json_schema",

@@ -1,16 +1,16 @@
 """The HTTP server: Workers AI's REST surface and an OpenAI-style shim over the runtime.
 
-    settings.py      what a `serve` process is configured with
-    app.py           the app factory: routers, health, auth, limits
+    app.py           the app factory: its runtime, routers, health, auth, limits
     workers_ai.py    /client/v4/accounts/{id}/ai/... (run, finetunes), Cloudflare's envelope
     openai_shim.py   /v1/... translated into the contract (openai_types.py: its wire types)
     queue.py         per-model admission, generation threads, cancellation
     sse.py           first-chunk-then-commit streaming, disconnect watch, SSE framing
     errors.py        one error, rendered in the shape of the surface it came in on
-    cli.py           `localgemma serve`
+    middleware.py    the catch-all, auth, body limits; protocol.py: head timeout, connection cap
+    jsonbody.py      strict JSON bodies on every route
+    cli.py           `localgemma serve` (its settings: localgemma.settings)
 """
 
 from .app import create_app
-from .settings import Settings
 
-__all__ = ["create_app", "Settings"]
+__all__ = ["create_app"]

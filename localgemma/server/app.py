@@ -1,6 +1,9 @@
 """The app factory: settings -> a FastAPI app with both surfaces, health, auth and limits.
 
     create_app(Settings(models={"@cf/google/gemma-2b-it-lora": "~/gguf/gemma-2b-it.gguf"}))
+
+The app owns its runtime (engines and batchers, built from the settings), its scheduler and
+its preloader, in `app.state`: nothing is a module global another door could change.
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from localgemma import __version__
+from localgemma.runtime import Runtime
+from localgemma.settings import Settings
 
 from . import errors, openai_shim, workers_ai
 from .middleware import BearerAuth, BodyLimit, Guard
 from .queue import Scheduler
-from .settings import Settings
+
+# Finetune uploads carry whole adapter files: they get the registry's own size cap (plus room
+# for the multipart framing) instead of the run routes' body limit.
+MULTIPART_SLACK = 2**20
 
 log = logging.getLogger("localgemma.server")
 
@@ -27,7 +35,8 @@ log = logging.getLogger("localgemma.server")
 class Preloader:
     """Loads the served models in a background thread at startup; /health reports it."""
 
-    def __init__(self, models: list[str]):
+    def __init__(self, runtime: Runtime, models: list[str]):
+        self.runtime = runtime
         self.state: dict[str, str] = {m: "loading" for m in models}
         self._thread = threading.Thread(target=self._load, name="localgemma-preload", daemon=True)
 
@@ -35,7 +44,7 @@ class Preloader:
         self._thread.start()
 
     def _load(self) -> None:
-        from localgemma import finetunes, runtime
+        from localgemma import finetunes
 
         try:
             finetunes.sweep()  # what a killed process left in the registry
@@ -43,9 +52,7 @@ class Preloader:
             log.warning("could not clean the finetune registry: %s", exc)
         for model in self.state:
             try:
-                runtime.get_engine(model)
-                if runtime.config.batching:  # its context too, so the first request does not wait
-                    runtime.get_batcher(model)
+                self.runtime.load(model)
                 self.state[model] = "ready"
             except Exception as exc:  # noqa: BLE001 - reported by /health, and by each request
                 log.error("could not load %s: %s", model, exc)
@@ -66,18 +73,19 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="localgemma", version=__version__, lifespan=_lifespan, redirect_slashes=False,
                   description="Workers AI's LoRA Gemma models, served locally; and an OpenAI-style shim.")
     app.state.settings = settings
-    app.state.scheduler = Scheduler(settings.max_queue, slots=settings.slots)
-    app.state.preloader = Preloader(settings.served_models if settings.preload else [])
+    app.state.runtime = runtime = Runtime(settings, exact=settings.exact)
+    app.state.scheduler = Scheduler(runtime, settings.max_queue, slots=1 if settings.exact else settings.parallel)
+    app.state.preloader = Preloader(runtime, settings.served_models if settings.preload else [])
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, idle=settings.body_timeout,
-                       larger=[(workers_ai.ASSETS_PATH, settings.max_asset_bytes)])
+                       larger=[(workers_ai.ASSETS_PATH, settings.max_lora_bytes + MULTIPART_SLACK)])
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key)
     app.add_middleware(Guard)  # added last: runs first
     app.include_router(workers_ai.make_router())
     app.include_router(openai_shim.make_router())
     app.add_api_route("/health", health, methods=["GET"], tags=["Operations"])
-    if settings.debug:
+    if settings.server_debug:
         app.add_api_route("/debug/jobs", debug_jobs, methods=["GET"], tags=["Operations"])
     return app
 
@@ -87,6 +95,7 @@ async def _lifespan(app: FastAPI):
     app.state.preloader.start()
     yield
     await anyio.to_thread.run_sync(app.state.scheduler.shutdown)
+    await anyio.to_thread.run_sync(app.state.runtime.close)
 
 
 async def health(request: Request):

@@ -16,17 +16,17 @@ from fastapi.routing import APIRoute
 
 from localgemma.contract import strict_json as loads
 
-from .errors import ApiError
+from localgemma.errors import MalformedBody
 
 
 def parse_json(body: bytes) -> Any:
     try:
         return loads(body)
     except UnicodeDecodeError:
-        raise ApiError("malformed JSON body: it is not UTF-8 text") from None
+        raise MalformedBody("malformed JSON body: it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if exc.doc else ""
-        raise ApiError(f"malformed JSON body: {exc.msg}{where}; send one JSON object") from None
+        raise MalformedBody(f"malformed JSON body: {exc.msg}{where}; send one JSON object") from None
 
 
 class _StrictRequest(Request):

@@ -22,10 +22,11 @@ import anyio
 
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import INTERNAL_CODE, ApiError, Unauthorized, is_openai, render
+from localgemma.errors import BodyTooLarge, InternalError, RequestTimeout, Unauthorized
+
+from .errors import Carried, is_openai, render
 
 OPEN_PATHS = frozenset({"/health"})
 log = logging.getLogger("localgemma.server")
@@ -54,8 +55,7 @@ class Guard:
         except Exception as exc:  # noqa: BLE001 - the last line: answer, log, keep the connection
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
-                error = ApiError(f"internal server error ({type(exc).__name__}); see the server log",
-                                 code=INTERNAL_CODE, status=500)
+                error = InternalError(f"internal server error ({type(exc).__name__}); see the server log")
                 await render(scope, error)(scope, receive, send)
 
 
@@ -106,21 +106,9 @@ class BodyLimit:
         await self.app(scope, _counting(receive, limit, self.idle), send)
 
 
-def too_large(limit: int) -> ApiError:
-    return ApiError(f"Request is too large: the body exceeds the limit of {limit / 2**20:g} MiB "
-                    "(localgemma serve --max-body-mb)", code=3006, status=413)
-
-
-class TooLarge(HTTPException):
-    # An HTTPException because FastAPI re-raises those from its body parsing (others become
-    # a generic 400); errors.py renders it with too_large()'s message.
-    def __init__(self, limit: int):
-        super().__init__(413, too_large(limit).message)
-
-
-class BodyTimeout(HTTPException):
-    def __init__(self, idle: float):
-        super().__init__(408, f"the request body stopped arriving: nothing for {idle:g} s; send the whole body")
+def too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"Request is too large: the body exceeds the limit of {limit / 2**20:g} MiB "
+                        "(localgemma serve --max-body-mb)")
 
 
 def _counting(receive: Receive, limit: int, idle: float) -> Receive:
@@ -137,11 +125,12 @@ def _counting(receive: Receive, limit: int, idle: float) -> Receive:
             with anyio.fail_after(idle):
                 message = await receive()
         except TimeoutError:
-            raise BodyTimeout(idle) from None
+            raise Carried(RequestTimeout(f"the request body stopped arriving: nothing for {idle:g} s; "
+                                         "send the whole body")) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise TooLarge(limit)
+                raise Carried(too_large(limit))
             complete = not message.get("more_body", False)
         return message
 

@@ -22,14 +22,15 @@ from fastapi import APIRouter, Request
 
 from localgemma import finetunes
 from localgemma.contract import Inputs, parse_inputs
-from localgemma.errors import LocalGemmaError, UnknownModel
+from localgemma.errors import UnknownModel, Unsupported
+from localgemma.generation import Chunk, Result
+from localgemma.settings import Settings
 
-from .errors import INTERNAL_CODE, ApiError, Unsupported, openai_body
+from .errors import openai_body
 from .jsonbody import StrictRoute
 from .openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest, _Common
 from .queue import Job
-from .settings import Settings
-from .sse import DONE, begin, dumps, event, event_response, finish_reason
+from .sse import DONE, begin, dumps, event, event_response
 from .workers_ai import check_model
 
 
@@ -47,9 +48,9 @@ def make_router() -> APIRouter:
 def chat_inputs(req: ChatCompletionRequest) -> tuple[str, dict[str, Any]]:
     _refuse_unhonoured(req)
     if req.logprobs or req.top_logprobs:
-        raise Unsupported("logprobs" if req.logprobs else "top_logprobs", "log probabilities are not available")
+        raise _unsupported("logprobs" if req.logprobs else "top_logprobs", "log probabilities are not available")
     if req.max_tokens is not None and req.max_completion_tokens not in (None, req.max_tokens):
-        raise Unsupported("max_completion_tokens", f"{req.max_completion_tokens} contradicts max_tokens "
+        raise _unsupported("max_completion_tokens", f"{req.max_completion_tokens} contradicts max_tokens "
                                                    f"{req.max_tokens}; send one of them")
     model, lora = split_model(req.model)
     called: dict[str, str] = {}  # tool_call_id -> function name, as the conversation goes
@@ -67,17 +68,17 @@ def chat_inputs(req: ChatCompletionRequest) -> tuple[str, dict[str, Any]]:
 def completion_inputs(req: CompletionRequest) -> tuple[str, dict[str, Any]]:
     _refuse_unhonoured(req)
     if req.echo:
-        raise Unsupported("echo", "echoing the prompt is not available")
+        raise _unsupported("echo", "echoing the prompt is not available")
     if req.suffix:
-        raise Unsupported("suffix", "insertion (text after the completion) is not available")
+        raise _unsupported("suffix", "insertion (text after the completion) is not available")
     if req.best_of not in (None, 1):
-        raise Unsupported("best_of", f"only 1 can be honoured, got {req.best_of}")
+        raise _unsupported("best_of", f"only 1 can be honoured, got {req.best_of}")
     if req.logprobs is not None:
-        raise Unsupported("logprobs", "log probabilities are not available")
+        raise _unsupported("logprobs", "log probabilities are not available")
     prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
-            raise Unsupported("prompt", f"one prompt per request; got a list of {len(prompt)}")
+            raise _unsupported("prompt", f"one prompt per request; got a list of {len(prompt)}")
         prompt = prompt[0]
     model, lora = split_model(req.model)
     # A completion continues the text as written: no chat template (the contract's raw).
@@ -85,18 +86,22 @@ def completion_inputs(req: CompletionRequest) -> tuple[str, dict[str, Any]]:
     return model, _drop_none(inputs)
 
 
+def _unsupported(param: str, message: str) -> Unsupported:
+    return Unsupported(f"{param}: {message}", param=param)
+
+
 def _refuse_unhonoured(req: _Common) -> None:
     if req.n not in (None, 1):
-        raise Unsupported("n", f"one choice per request (n=1), got n={req.n}; send separate requests")
+        raise _unsupported("n", f"one choice per request (n=1), got n={req.n}; send separate requests")
     if req.stop:
-        raise Unsupported("stop", "stop sequences are not part of the Workers AI contract; generation stops "
+        raise _unsupported("stop", "stop sequences are not part of the Workers AI contract; generation stops "
                                   "at the end of the model's turn or at max_tokens")
     if req.logit_bias:
-        raise Unsupported("logit_bias", "logit bias is not available")
+        raise _unsupported("logit_bias", "logit bias is not available")
     for name in ("frequency_penalty", "presence_penalty"):
         value = getattr(req, name)
         if value is not None and value < 0:
-            raise Unsupported(name, f"negative values cannot be honoured: the contract allows 0..2, got {value}")
+            raise _unsupported(name, f"negative values cannot be honoured: the contract allows 0..2, got {value}")
 
 
 def _sampling(req: _Common) -> dict[str, Any]:
@@ -109,7 +114,7 @@ def _message(i: int, m: ChatMessage, called: dict[str, str]) -> dict[str, Any]:
     call as the model writes it ({"name", "arguments"} JSON); a tool result gets the name of the
     function it answers (from `called`: tool_call_id -> name, filled as calls are seen)."""
     if m.role == "function":
-        raise Unsupported(f"messages[{i}].role", "'function' messages (deprecated) are not supported; use 'tool'")
+        raise _unsupported(f"messages[{i}].role", "'function' messages (deprecated) are not supported; use 'tool'")
     role = "system" if m.role == "developer" else m.role
     content = _text(i, m.content)
     if m.tool_calls:
@@ -123,10 +128,10 @@ def _call_text(i: int, j: int, call: dict[str, Any], called: dict[str, str]) -> 
     try:
         arguments = json.loads(fn.get("arguments") or "{}")
     except (TypeError, json.JSONDecodeError):
-        raise Unsupported(f"messages[{i}].tool_calls[{j}].function.arguments",
+        raise _unsupported(f"messages[{i}].tool_calls[{j}].function.arguments",
                           f"must be a JSON object as a string, got {fn.get('arguments')!r}") from None
     if not isinstance(fn.get("name"), str):
-        raise Unsupported(f"messages[{i}].tool_calls[{j}].function.name", "a function name (string) is required")
+        raise _unsupported(f"messages[{i}].tool_calls[{j}].function.name", "a function name (string) is required")
     if call.get("id"):
         called[call["id"]] = fn["name"]
     return json.dumps({"name": fn["name"], "arguments": arguments})
@@ -138,7 +143,7 @@ def _text(i: int, content: Union[str, list[dict[str, Any]], None]) -> str:
     parts = []
     for j, part in enumerate(content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise Unsupported(f"messages[{i}].content[{j}]", f"only text parts are accepted (Gemma 2B/7B take "
+            raise _unsupported(f"messages[{i}].content[{j}]", f"only text parts are accepted (Gemma 2B/7B take "
                                                              f"text only), got type {part.get('type')!r}")
         parts.append(part["text"])
     return "".join(parts)
@@ -164,11 +169,10 @@ def split_model(name: str) -> tuple[str, Optional[str]]:
 
 @dataclass
 class _Reply:
-    """What every object of one answer repeats, plus how to finish it."""
+    """What every object of one answer repeats, and OpenAI's shapes for the runtime's items."""
 
     kind: str  # "chat" or "text"
     model: str
-    max_tokens: int
     include_usage: bool
     # With tools, the text may turn out to be a tool call: held back until the end, then sent
     # as content or as tool_calls, never both.
@@ -183,18 +187,16 @@ class _Reply:
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, result: dict[str, Any], n_ctx: Optional[int]) -> dict[str, Any]:
-        finish = finish_reason(result["usage"], self.max_tokens, n_ctx)
-        text = result["response"] if isinstance(result["response"], str) else dumps(result["response"])
+    def whole(self, result: Result) -> dict[str, Any]:
+        usage = result.usage.to_dict()
         if self.kind == "text":
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return {**self.head("text_completion"), "choices": [choice], "usage": result["usage"]}
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if result.get("tool_calls"):
-            message = {"role": "assistant", "content": None, "tool_calls": _tool_calls(result["tool_calls"])}
-            finish = "tool_calls"
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return {**self.head("chat.completion"), "choices": [choice], "usage": result["usage"]}
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            return {**self.head("text_completion"), "choices": [choice], "usage": usage}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if result.tool_calls:
+            message = {"role": "assistant", "content": None, "tool_calls": _tool_calls(result.tool_calls)}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
+        return {**self.head("chat.completion"), "choices": [choice], "usage": usage}
 
     def piece(self, text: Optional[str], finish: Optional[str] = None, role: bool = False) -> dict[str, Any]:
         if self.kind == "text":
@@ -208,55 +210,46 @@ class _Reply:
             out["usage"] = None  # OpenAI: null on every chunk but the extra last one
         return out
 
-    def calls(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    def calls(self, calls: tuple[dict, ...]) -> dict[str, Any]:
         deltas = [{"index": i, **call} for i, call in enumerate(_tool_calls(calls))]
         return self.piece(None) | {"choices": [{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None,
                                                 "finish_reason": None}]}
 
-    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage(self, result: Result) -> dict[str, Any]:
         obj = "text_completion" if self.kind == "text" else "chat.completion.chunk"
-        return {**self.head(obj), "choices": [], "usage": usage}
+        return {**self.head(obj), "choices": [], "usage": result.usage.to_dict()}
 
 
-def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _tool_calls(calls: tuple[dict, ...]) -> list[dict[str, Any]]:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c["name"], "arguments": dumps(c.get("arguments", {}))}} for c in calls]
 
 
-async def _events(reply: _Reply, first: dict, job: Job) -> AsyncIterator[dict[str, str]]:
-    try:
-        if reply.kind == "chat":
-            yield event(reply.piece("", role=True))
-        held, chunk = [], first
-        while "usage" not in chunk:  # the runtime's last chunk carries usage
-            if chunk["response"] and reply.hold_text:
-                held.append(chunk["response"])
-            elif chunk["response"]:
-                yield event(reply.piece(chunk["response"]))
-            chunk = await job.get()
-        finish = finish_reason(chunk["usage"], reply.max_tokens, job.n_ctx)
-        if chunk.get("tool_calls"):
-            yield event(reply.calls(chunk["tool_calls"]))
-            finish = "tool_calls"
-        elif held:
-            yield event(reply.piece("".join(held)))
-        yield event(reply.piece(None if reply.kind == "chat" else "", finish))
-        if reply.include_usage:
-            yield event(reply.usage(chunk["usage"]))
-        yield DONE
-    except Exception as exc:  # noqa: BLE001 - after the 200: the error goes in the stream
-        error = exc if isinstance(exc, LocalGemmaError) else ApiError(
-            f"generation failed ({type(exc).__name__})", code=INTERNAL_CODE, status=500)
-        yield event(openai_body(error))
-    finally:
-        job.cancel()
+async def _events(reply: _Reply, first: Chunk | Result, job: Job) -> AsyncIterator[dict[str, str]]:
+    if reply.kind == "chat":
+        yield event(reply.piece("", role=True))
+    held, item = [], first
+    while isinstance(item, Chunk):  # the runtime's last item is the Result
+        if reply.hold_text:
+            held.append(item.text)
+        else:
+            yield event(reply.piece(item.text))
+        item = await job.get()
+    if item.tool_calls:
+        yield event(reply.calls(item.tool_calls))
+    elif held:
+        yield event(reply.piece("".join(held)))
+    yield event(reply.piece(None if reply.kind == "chat" else "", item.finish_reason))
+    if reply.include_usage:
+        yield event(reply.usage(item))
+    yield DONE
 
 
 async def _answer(request: Request, reply: _Reply, model: str, inputs: Inputs):
     job, first = await begin(request, request.app.state.scheduler, model, inputs)
     if not inputs.stream:
-        return reply.whole(first, job.n_ctx)
-    return event_response(_events(reply, first, job))
+        return reply.whole(first)
+    return event_response(_events(reply, first, job), job, openai_body)
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -266,14 +259,14 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     inputs = parse_inputs(fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     hold = bool(getattr(inputs, "tools", None)) and getattr(inputs, "tool_choice", None) != "none"
-    return await _answer(request, _Reply("chat", body.model, inputs.max_tokens, include_usage, hold), model, inputs)
+    return await _answer(request, _Reply("chat", body.model, include_usage, hold), model, inputs)
 
 
 async def completions(request: Request, body: CompletionRequest):
     model, fields = completion_inputs(body)
     inputs = parse_inputs(fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _answer(request, _Reply("text", body.model, inputs.max_tokens, include_usage), model, inputs)
+    return await _answer(request, _Reply("text", body.model, include_usage), model, inputs)
 
 
 async def list_models(request: Request):

@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from http import HTTPStatus
 from typing import Optional
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from localgemma.errors import LocalGemmaError, RequestTimeout, TooManyConnections
 
-def _raw_error(status: int, reason: str, code: int, message: str) -> bytes:
-    body = json.dumps({"result": {}, "success": False, "errors": [{"code": code, "message": message}],
-                       "messages": []}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode()
+from .errors import envelope_body
+
+
+def _raw_error(error: LocalGemmaError) -> bytes:
+    """An answer written before any request was parsed (so in Workers AI's envelope)."""
+    body = json.dumps(envelope_body(error)).encode()
+    head = (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
     return head + body
 
 
@@ -38,8 +43,8 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                transport.write(_raw_error(503, "Service Unavailable", 3040,
-                                           f"too many open connections (more than {max_connections}); retry later"))
+                transport.write(_raw_error(TooManyConnections(
+                    f"too many open connections (more than {max_connections}); retry later")))
                 transport.close()
                 return
             self._arm()
@@ -72,9 +77,8 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 if self.conn.our_state is h11.IDLE and self.conn.trailing_data[0]:
                     # part of a request arrived: say why we hang up
-                    self.transport.write(_raw_error(408, "Request Timeout", 3007,
-                                                    f"the request line and headers did not arrive within "
-                                                    f"{header_timeout:g} s"))
+                    self.transport.write(_raw_error(RequestTimeout(
+                        f"the request line and headers did not arrive within {header_timeout:g} s")))
                 self.transport.close()
 
     return Guarded

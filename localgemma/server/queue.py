@@ -11,6 +11,9 @@ that leaves the line (its client disconnected) costs nothing.
 Cancellation is a flag the job's thread checks between chunks: when set, the thread stops
 pulling, and closes the runtime's generator itself (a generator must not be closed from
 another thread while it runs), which frees the engine for the next in line.
+
+A job's items are the runtime's: text Chunks (only for streams: a whole answer is gathered in
+the thread, so the event loop wakes once) and, last, the Result.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
-from localgemma import runtime
-from localgemma.errors import LocalGemmaError, ModelUnavailable
-
-from .errors import QueueFull
+from localgemma.errors import LocalGemmaError, ModelUnavailable, QueueFull
+from localgemma.generation import Result
+from localgemma.runtime import Runtime
 
 END = object()  # the job's last item: nothing follows
 
@@ -53,9 +55,9 @@ class JobStats:
 class Job:
     """One request's generation, in its own thread; iterate it (async) for its items."""
 
-    def __init__(self, model: Optional[str], inputs: Any, stats: JobStats, on_exit: Callable[[], None]):
-        self.model, self.inputs, self.stats = model, inputs, stats
-        self.n_ctx: Optional[int] = None  # the engine's context size, known with the last item
+    def __init__(self, runtime: Runtime, model: Optional[str], inputs: Any, stats: JobStats,
+                 on_exit: Callable[[], None]):
+        self.runtime, self.model, self.inputs, self.stats = runtime, model, inputs, stats
         self._loop = asyncio.get_running_loop()
         self._items: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
@@ -97,32 +99,26 @@ class Job:
         try:
             if self._cancel.is_set():
                 return
-            result = runtime.run(self.model, self.inputs, cancel=self._cancel)
-            if isinstance(result, dict):
-                self._count(result)
-                self._put(result)
-            else:
-                self._drain(result)
+            self._drain(self.runtime.stream(self.model, self.inputs), bool(getattr(self.inputs, "stream", False)))
         except BaseException as exc:  # noqa: BLE001 - every failure is the request's answer
             self.stats.state = "failed"
             self._put(exc)
         finally:
             self._finish()
 
-    def _drain(self, chunks) -> None:
+    def _drain(self, items, stream: bool) -> None:
         try:
-            for chunk in chunks:
-                self._count(chunk)
-                self._put(chunk)
+            for item in items:
+                self._count(item)
+                if stream or isinstance(item, Result):
+                    self._put(item)
                 if self._cancel.is_set():
                     break
         finally:
-            chunks.close()  # here, in the generating thread: releases the engine at once
+            items.close()  # here, in the generating thread: releases the engine at once
 
     def _count(self, item: Any) -> None:
-        self._complete = "usage" in item
-        if self._complete:  # the engine is loaded and cached by now: this is a lookup
-            self.n_ctx = runtime.get_engine(self.model).n_ctx
+        self._complete = isinstance(item, Result)
         self.stats.chunks += 1
         if self._cancel.is_set():
             self.stats.chunks_after_cancel += 1
@@ -164,7 +160,8 @@ class ModelQueue:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int, history: int = 256, slots: int = 1):
+    def __init__(self, runtime: Runtime, max_queue: int, history: int = 256, slots: int = 1):
+        self.runtime = runtime
         self.max_queue, self.slots = max_queue, slots
         self._queues: dict[str, ModelQueue] = {}
         self._active: set[Job] = set()
@@ -193,7 +190,7 @@ class Scheduler:
             stats.state, stats.ended_at = "cancelled", time.monotonic()
             queue.leave()
             raise
-        job = Job(model, inputs, stats, on_exit=lambda: self._release(queue, job))
+        job = Job(self.runtime, model, inputs, stats, on_exit=lambda: self._release(queue, job))
         self._active.add(job)
         job.start()
         return job

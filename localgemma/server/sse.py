@@ -9,29 +9,27 @@ is still an ordinary JSON error with its own status.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 import anyio
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from localgemma.errors import LocalGemmaError
+from localgemma.errors import Aborted, InternalError, LocalGemmaError
 
 from .queue import END, Job, Scheduler
 
 T = TypeVar("T")
+log = logging.getLogger("localgemma.server")
 
 DONE = {"data": "[DONE]"}
 PING_SECONDS = 15  # keep-alive comments only in streams that go quiet this long
 SEND_TIMEOUT = 30  # a client that stops reading this long is dropped (and its job cancelled)
 
 
-class ClientGone(LocalGemmaError):
-    code = 3008  # "aborted"
-    status = 408
-
-    def __init__(self):
-        super().__init__("the client closed the connection before the answer was ready")
+def client_gone() -> Aborted:
+    return Aborted("the client closed the connection before the answer was ready")
 
 
 def dumps(obj: Any) -> str:
@@ -43,14 +41,30 @@ def event(obj: Any) -> dict[str, str]:
     return {"data": dumps(obj)}
 
 
-def event_response(events: AsyncIterator[dict[str, str]]) -> EventSourceResponse:
+def event_response(events: AsyncIterator[dict[str, str]], job: Job,
+                   error_event: Callable[[LocalGemmaError], Any]) -> EventSourceResponse:
+    """The stream's events as SSE. The 200 is sent by now, so a failure becomes one last event,
+    `error_event(error)` in the API's own shape; the job stops when the stream does (the client
+    left, or the answer is complete)."""
+    async def guarded() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for item in events:
+                yield item
+        except Exception as exc:  # noqa: BLE001 - mid-stream: say it in the stream
+            error = exc if isinstance(exc, LocalGemmaError) else InternalError(
+                f"generation failed ({type(exc).__name__})")
+            log.warning("stream failed after its first chunk: %s", error.message)
+            yield event(error_event(error))
+        finally:
+            job.cancel()
+
     # sep="\n": events are exactly `data: ...\n\n`, as Workers AI and OpenAI send them.
-    return EventSourceResponse(events, sep="\n", ping=PING_SECONDS, send_timeout=SEND_TIMEOUT)
+    return EventSourceResponse(guarded(), sep="\n", ping=PING_SECONDS, send_timeout=SEND_TIMEOUT)
 
 
 async def begin(request: Request, scheduler: Scheduler, model: Optional[str], inputs: Any) -> tuple[Job, Any]:
     """Queue the request, start it, and return (job, its first item). A failure before the
-    first item is raised here; a client that leaves meanwhile cancels the job (ClientGone)."""
+    first item is raised here; a client that leaves meanwhile cancels the job (Aborted)."""
     job: Optional[Job] = None
 
     async def first() -> Any:
@@ -65,12 +79,12 @@ async def begin(request: Request, scheduler: Scheduler, model: Optional[str], in
             job.cancel()
         raise
     if item is END:  # the job was cancelled before it produced anything
-        raise ClientGone()
+        raise client_gone()
     return job, item
 
 
 async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
-    """Await `work()`, cancelling it if the client disconnects first (then ClientGone).
+    """Await `work()`, cancelling it if the client disconnects first (then Aborted).
     The request body must already have been read: this listens on the same channel."""
     outcome: dict[str, Any] = {}
 
@@ -90,13 +104,5 @@ async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]
     if "error" in outcome:
         raise outcome["error"]
     if "value" not in outcome:
-        raise ClientGone()
+        raise client_gone()
     return outcome["value"]
-
-
-def finish_reason(usage: dict[str, int], max_tokens: int, n_ctx: Optional[int]) -> str:
-    """"length" when generation used its whole budget, else "stop". The engine's budget is
-    max_tokens clamped to what the context leaves after the prompt, and it ends with
-    "length" exactly when it generated that many tokens."""
-    budget = max_tokens if n_ctx is None else min(max_tokens, n_ctx - usage["prompt_tokens"])
-    return "length" if usage["completion_tokens"] >= budget else "stop"

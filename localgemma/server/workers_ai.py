@@ -13,23 +13,21 @@ The account id is accepted and ignored: there is one registry per $LOCALGEMMA_HO
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from localgemma import finetunes
+from localgemma import contract, finetunes
 from localgemma.contract import describe, parse_inputs
-from localgemma.errors import InvalidInput, LocalGemmaError, UnknownModel
+from localgemma.errors import IncompleteRequest, InvalidInput, UnknownModel
+from localgemma.generation import Chunk, Result
 
-from .errors import INTERNAL_CODE, ApiError
+from .errors import envelope_body
 from .jsonbody import StrictRoute, parse_json
 from .queue import Job
 from .sse import DONE, begin, event, event_response
-
-log = logging.getLogger("localgemma.server")
 
 PREFIX = "/client/v4/accounts/{account_id}/ai"
 ASSETS_PATH = r"/ai/finetunes/[^/]+/finetune-assets$"  # uploads get the registry's size cap, not --max-body-mb
@@ -45,7 +43,7 @@ async def read_json(request: Request) -> Any:
     JSON with curl's default form Content-Type."""
     body = await request.body()
     if not body.strip():
-        raise ApiError("request body is empty; send a JSON object, e.g. {\"prompt\": \"hello\"}", code=3003)
+        raise IncompleteRequest("request body is empty; send a JSON object, e.g. {\"prompt\": \"hello\"}")
     return parse_json(body)
 
 
@@ -80,23 +78,15 @@ async def run_model(request: Request, account_id: str, model: str):
     inputs = parse_inputs(await read_json(request))  # invalid input never takes a place in line
     job, first = await begin(request, request.app.state.scheduler, model, inputs)
     if not inputs.stream:
-        return success(first)
-    return event_response(_events(first, job))
+        return success(contract.output(first))
+    return event_response(_events(first, job), job, lambda error: {"errors": envelope_body(error)["errors"]})
 
 
-async def _events(first: dict, job: Job) -> AsyncIterator[dict[str, str]]:
-    try:
-        yield event(first)
-        async for chunk in job:
-            yield event(chunk)
-        yield DONE
-    except Exception as exc:  # noqa: BLE001 - mid-stream: the 200 is sent, say it in the stream
-        error = exc if isinstance(exc, LocalGemmaError) else ApiError(f"generation failed ({type(exc).__name__})",
-                                                                      code=INTERNAL_CODE, status=500)
-        log.warning("stream failed after its first chunk: %s", error.message)
-        yield event({"errors": [{"code": error.code, "message": error.message}]})
-    finally:
-        job.cancel()  # the client left (or we are done): the thread stops at the next chunk
+async def _events(first: Chunk | Result, job: Job) -> AsyncIterator[dict[str, str]]:
+    yield event(contract.event(first))
+    async for item in job:
+        yield event(contract.event(item))
+    yield DONE
 
 
 # -- finetunes ---------------------------------------------------------------------------------

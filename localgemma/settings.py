@@ -1,0 +1,116 @@
+"""Every knob of a localgemma process, declared once: name, type, bounds, default, and the
+environment variable (LOCALGEMMA_<NAME>) that sets it. The CLI's flags are generated from
+these fields (`option`), so a flag, its variable and its default cannot drift apart.
+
+Read at call time: `current()` builds a Settings from the environment as it is now, and the
+server builds one from its flags (flags win over variables, variables over defaults).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, get_args
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import InvalidInput
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOCALGEMMA_", extra="ignore", frozen=True)
+
+    # -- models and compute -------------------------------------------------------------------
+    home: Optional[Path] = Field(None, description="where models, bindings and finetunes live "
+                                                   "(default: the platform's user data folder)")
+    threads: Optional[int] = Field(None, ge=1, description="llama.cpp threads (default: the physical cores)")
+    n_ctx: Optional[int] = Field(None, ge=64, description="context tokens per model (default: the catalog's, 8192)")
+    verbose: bool = Field(False, description="show llama.cpp's own log")
+    adapter_cache_mb: int = Field(1024, ge=1, description="LoRA adapters kept loaded per model (MiB)")
+    max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank a finetune may have")
+    max_lora_mb: int = Field(500, ge=1, description="largest adapter file a finetune may have (MiB)")
+
+    # -- serving ------------------------------------------------------------------------------
+    exact: bool = Field(False, description="one request at a time per model, every answer exactly the "
+                                           "solo one (no batching)")
+    parallel: int = Field(4, ge=1, description="requests per model decoded together in one batch")
+    batch_ctx: int = Field(4096, ge=256, description="KV cells (tokens) shared by a model's batched requests; a "
+                                                     "request too big for them runs alone")
+    host: str = Field("127.0.0.1", description="address to listen on; anything but loopback exposes the "
+                                               "models to the network: use --api-key")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health")
+    max_queue: int = Field(8, ge=0, description="requests that may wait per model while the running ones "
+                                                "generate; more get 429 at once")
+    max_body_mb: float = Field(10.0, gt=0, description="largest request body (MiB); bigger ones get 413 "
+                                                       "(finetune uploads have max_lora_mb)")
+    max_connections: int = Field(256, ge=1, description="open connections at most; more get 503 at once")
+    header_timeout: float = Field(10.0, gt=0, description="seconds for a request line and headers to arrive")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a request body may stall between chunks")
+    server_debug: bool = Field(False, description="expose GET /debug/jobs (per-request counters)")
+    models: dict[str, str] = Field(default_factory=dict, description="model id -> local GGUF, for this process")
+    preload: bool = Field(True, description="load the served models at start")
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_empty_key(cls, key: Optional[str]) -> Optional[str]:
+        if key is not None and not key.strip():
+            raise ValueError("the key is empty, which would leave the server open to anyone; give a key, or "
+                             "leave it out to run without one")
+        return key
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_lora_bytes(self) -> int:
+        return self.max_lora_mb * 2**20
+
+    @property
+    def served_models(self) -> list[str]:
+        """The ids a server preloads and lists: the bound ones, or else the embedded model."""
+        from .models.catalog import EMBEDDED_ID
+
+        return list(self.models) or [EMBEDDED_ID]
+
+
+def current(**overrides: Any) -> Settings:
+    """The settings now: overrides (e.g. CLI flags given), else the environment, else defaults."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "settings"
+            where = f"--{name.replace('_', '-')} / LOCALGEMMA_{name.upper()}"
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
+        raise InvalidInput("; ".join(problems)) from None
+
+
+def env_var(name: str) -> str:
+    return f"LOCALGEMMA_{name.upper()}"
+
+
+def option(name: str, *flags: str, **kw: Any):
+    """A click option for setting `name`: its help, default and variable come from the field.
+    The option's own default is None, so a flag not given leaves the variable or default."""
+    import click
+
+    field = Settings.model_fields[name]
+    default = field.default if field.default is not None else "unset"
+    annotation = next((a for a in get_args(field.annotation) if a is not type(None)), field.annotation)
+    kind = {int: int, float: float, bool: bool}.get(annotation, str)
+    help_text = f"{field.description[:1].upper()}{field.description[1:]} (env {env_var(name)}; default {default})."
+
+    def check(ctx, param, value):
+        if value is not None:
+            try:
+                current(**{name: value})
+            except InvalidInput as exc:
+                raise click.BadParameter(exc.message.split(": ", 1)[-1]) from None
+        return value
+
+    if kind is bool:
+        return click.option(*flags, name, is_flag=True, default=None, help=help_text, **kw)
+    return click.option(*flags, name, type=kw.pop("type", kind), default=None, help=help_text, callback=check, **kw)

@@ -1,0 +1,72 @@
+"""The batch scheduling policy as a pure object: admission, fairness, adapter-set hand-over.
+(The batcher that runs it on the real model: tests/test_batching.py.)"""
+
+from __future__ import annotations
+
+from localgemma.batching import FAIR_STEPS, BatchPolicy
+
+
+class Req:
+    def __init__(self, name: str, need: int = 10, group: tuple = (), since: int = 0):
+        self.name, self.need, self.group, self.since, self.seq = name, need, group, since, -1
+
+    def __repr__(self):
+        return self.name
+
+
+def names(reqs) -> list[str]:
+    return [r.name for r in reqs]
+
+
+def step(policy: BatchPolicy) -> list[str]:
+    """What the loop does between decode steps (without llama.cpp)."""
+    group = policy.switch_to()
+    if group is not None:
+        policy.group = group
+    return names(policy.admit())
+
+
+def test_slots_and_kv_cells_bound_admission_first_come_first_served():
+    policy = BatchPolicy(parallel=3, n_ctx=100)
+    policy.waiting.extend([Req("a", 40), Req("b", 40), Req("c", 40), Req("d", 5)])
+    assert step(policy) == ["a", "b"]  # c does not fit the cells left, and d may not overtake it
+    assert sorted(policy.running) == [0, 1] and len(policy.free) == 1
+    policy.leave(next(r for r in policy.running.values() if r.name == "a"))
+    assert step(policy) == ["c", "d"]
+    assert not policy.waiting and not policy.free
+
+
+def test_a_request_too_big_for_the_pool_is_not_the_batchs():
+    policy = BatchPolicy(parallel=2, n_ctx=100)
+    assert policy.fits_alone(100) and not policy.fits_alone(101)
+
+
+def test_only_the_running_adapter_set_is_admitted_and_sets_take_turns():
+    policy = BatchPolicy(parallel=4, n_ctx=1000)
+    a, b = ("adapter-a",), ("adapter-b",)
+    policy.waiting.extend([Req("base1"), Req("a1", group=a), Req("base2"), Req("b1", group=b)])
+    assert policy.switch_to() == ()  # the context's set is unknown at first: the oldest request's (none)
+    assert step(policy) == ["base1", "base2"]
+    for r in list(policy.running.values()):
+        policy.leave(r)
+    assert step(policy) == ["a1"] and policy.group == a  # round-robin: the oldest other set
+    policy.waiting.append(Req("a2", group=a))
+    assert step(policy) == ["a2"]  # while its set runs, it keeps admitting its own
+    for r in list(policy.running.values()):
+        policy.leave(r)
+    assert step(policy) == ["b1"] and policy.group == b
+
+
+def test_a_set_that_keeps_another_waiting_hands_over():
+    policy = BatchPolicy(parallel=2, n_ctx=1000)
+    policy.waiting.extend([Req("base1"), Req("adapter", group=("a",), since=0)])
+    assert step(policy) == ["base1"]
+    policy.waiting.append(Req("base2"))
+    policy.steps = FAIR_STEPS  # not yet starving: the base set may still admit its own
+    assert step(policy) == ["base2"]
+    policy.leave(policy.running[1])
+    policy.waiting.append(Req("base3"))
+    policy.steps = FAIR_STEPS + 1  # now the adapter request has waited too long
+    assert step(policy) == []  # nobody new for the base set: it drains
+    policy.leave(next(iter(policy.running.values())))
+    assert step(policy) == ["adapter"] and policy.group == ("a",)
