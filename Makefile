@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml setup.py $(WHEELHOUSE)/.built
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps --no-index --find-links $(WHEELHOUSE) '$(LLAMA_CPP_PYTHON)'
-	$(BIN)/python -m pip install --quiet -e '.[server,test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,test,clients]'
 	touch $(STAMP)
 
 # The main job: a real request to the embedded Gemma 3 270M, streamed as it generates.

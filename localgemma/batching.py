@@ -275,9 +275,11 @@ class Batcher:
 
     def _advance(self, req: _Sequence, idx: int) -> None:
         """Sample this sequence's next token from its row; stream its text; end it if done."""
-        text = req.decoder.step(req.sampler.sample(self._ctx, idx))
-        if text:
-            req.out.put(Chunk(text))
+        token = req.sampler.sample(self._ctx, idx)
+        logits = self.engine.logits_row(self._ctx, idx) if req.request.logprobs is not None else None
+        text = req.decoder.step(token, logits)
+        if text or req.decoder.logprobs:
+            req.out.put(Chunk(text, logprobs=req.decoder.logprobs))
         if req.decoder.finish:
             with self._cv:
                 self._leave(req, req.decoder.last())

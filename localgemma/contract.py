@@ -12,7 +12,7 @@ import difflib
 import json
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidInput
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 MAX_TEXT = 131072
 SEED_MAX = 9999999999
+MAX_STOP = 4  # stop strings, as OpenAI allows
 ROLES = ("system", "user", "assistant", "model", "tool")
 
 
@@ -35,8 +36,17 @@ class ResponseFormat(_Strict):
 
 class FunctionSpec(_Strict):
     name: str = Field(min_length=1)
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    description: Optional[str] = Field("", description="null or absent: no description")
+    parameters: Optional[dict[str, Any]] = Field(None, description="null or absent: no arguments")
+    # OpenAI's: its value does not matter here, every call is held to its schema by a grammar.
+    strict: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "FunctionSpec":
+        self.description = self.description or ""
+        if self.parameters is None:
+            self.parameters = {"type": "object", "properties": {}}
+        return self
 
 
 class FlatTool(FunctionSpec):
@@ -55,12 +65,49 @@ class DeprecatedFunction(_Strict):
     code: str
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class CallFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: Union[dict[str, Any], str] = Field(default_factory=dict, description="an object, or one as JSON text")
+
+
+class ToolCall(_Strict):
+    """A call the assistant made, in Workers AI's flat shape {name, arguments} or OpenAI's
+    {id, type: "function", function: {name, arguments}}."""
+
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[CallFunction] = None
+    name: Optional[str] = None
+    arguments: Union[dict[str, Any], str, None] = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "ToolCall":
+        if (self.function is None) == (self.name is None):
+            raise ValueError("give either {name, arguments} or {type: 'function', function: {name, arguments}}")
+        call = self.function or CallFunction(name=self.name, arguments=self.arguments or {})
+        if isinstance(call.arguments, str):
+            try:
+                call.arguments = json.loads(call.arguments or "{}")
+            except json.JSONDecodeError:
+                raise ValueError(f"arguments must be a JSON object or its text, got {call.arguments[:60]!r}") from None
+        if not isinstance(call.arguments, dict):
+            raise ValueError(f"arguments must be a JSON object, got {call.arguments!r}")
+        self.function, self.name, self.arguments = call, call.name, call.arguments
+        return self
+
+
 class Message(_Strict):
     role: str
-    content: str = Field(max_length=MAX_TEXT)
-    # What OpenAI-style clients put on tool turns; harmless to accept.
-    name: Optional[str] = None
-    tool_call_id: Optional[str] = None
+    # A string, or (as the Cloudflare SDKs' types allow) a list of text parts; null only beside tool_calls.
+    content: Union[str, list[TextPart], None] = Field(None, description="the text, at most 131072 characters")
+    name: Optional[str] = None  # on a tool result: the tool's name
+    tool_call_id: Optional[str] = None  # on a tool result: the call it answers
+    tool_calls: Optional[list[ToolCall]] = None  # on an assistant turn: the calls it made
 
     @field_validator("role")
     @classmethod
@@ -68,6 +115,29 @@ class Message(_Strict):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") != "text":
+                    raise ValueError(f"only text parts are accepted (Gemma 2B/7B take text only), got a part of "
+                                     f"type {part.get('type')!r}")
+        return content
+
+    @model_validator(mode="after")
+    def _text(self) -> "Message":
+        if isinstance(self.content, list):
+            self.content = "".join(part.text for part in self.content)
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: Field required (null only on an assistant turn with tool_calls)")
+        self.content = self.content or ""
+        if len(self.content) > MAX_TEXT:
+            raise ValueError(f"content: String should have at most {MAX_TEXT} characters")
+        if self.tool_calls and self.role not in ("assistant", "model"):
+            raise ValueError(f"tool_calls: only an assistant turn makes calls, not a {self.role!r} one")
+        return self
 
 
 class _Common(_Strict):
@@ -81,9 +151,19 @@ class _Common(_Strict):
     frequency_penalty: Optional[float] = Field(None, ge=0, le=2)
     presence_penalty: Optional[float] = Field(None, ge=0, le=2)
     response_format: Optional[ResponseFormat] = None
+    # Extension (OpenAI's): the text ends before the first of these (not returned); finish "stop".
+    stop: Union[str, list[str], None] = Field(None, description=f"a string or up to {MAX_STOP} strings")
     raw: bool = False
     lora: Optional[str] = Field(None, min_length=1)
     image: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: Union[str, list[str], None]) -> Optional[list[str]]:
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > MAX_STOP or not all(stops)):
+            raise ValueError(f"give a non-empty string or up to {MAX_STOP} of them")
+        return stops or None
 
     @field_validator("image")
     @classmethod
@@ -117,6 +197,7 @@ class MessagesInputs(_Common):
 Inputs = Union[PromptInputs, MessagesInputs]
 
 FIELDS = sorted(set(PromptInputs.model_fields) | set(MessagesInputs.model_fields))
+_FIELD_NAMES = set(FIELDS) | set(Message.model_fields) | set(ToolCall.model_fields)
 
 
 def parse_inputs(data: Any) -> Inputs:
@@ -175,7 +256,12 @@ def problems(errors: list[dict], known: list[str]) -> list[str]:
             lines.append(f"{where}: Field required")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {msg} (got {_show(err.get('input'))})")
+            field, sep, rest = msg.partition(": ")
+            if sep and field.isidentifier() and isinstance(err.get("input"), dict) and field in _FIELD_NAMES:
+                # a check of the whole object that is about one of its fields: name the field
+                lines.append(f"{where}.{field}: {rest} (got {_show(err['input'].get(field))})")
+            else:
+                lines.append(f"{where}: {msg} (got {_show(err.get('input'))})")
     return lines
 
 

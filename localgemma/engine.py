@@ -190,15 +190,23 @@ class Engine:
         ctx, one, sample = self._ctx, self._one, sampler.sample
         self._prefill(request.tokens)
         decoder = Decoder(request, self.piece, self.is_eog)
+        want_logprobs = request.logprobs is not None
         while True:
-            text = decoder.step(sample(ctx))
-            if text:
-                yield Chunk(text)
+            token = sample(ctx)
+            text = decoder.step(token, self.logits_row(ctx, -1) if want_logprobs else None)
+            if text or decoder.logprobs:
+                yield Chunk(text, logprobs=decoder.logprobs)
             if decoder.finish:
                 break
             one[0] = decoder.last_token
             self._decode(llama_cpp.llama_batch_get_one(one, 1))
         yield decoder.last()
+
+    def logits_row(self, ctx, idx: int):
+        """The logits a context computed for batch row `idx` (-1: the last), as a numpy view."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
 
     def logits(self, tokens: Sequence[int], adapters: tuple[AdapterRef, ...] = ()):
         """Teacher-forced logits at every position: float32 array [len(tokens), n_vocab].

@@ -80,8 +80,9 @@ class Runtime:
         """Load a model (and its batch context) now, so the first request does not wait."""
         self.batcher(self.engine(model))
 
-    def prepare(self, model: Optional[str], inputs: Inputs) -> "Prepared":
-        """Everything that can refuse a request, done before any token is generated."""
+    def prepare(self, model: Optional[str], inputs: Inputs, *, logprobs: Optional[int] = None) -> "Prepared":
+        """Everything that can refuse a request, done before any token is generated.
+        `logprobs` (the OpenAI doors'): each token's log probability and its top k."""
         schema, grammar, tools, mode, preamble = None, None, [], "auto", None
         if isinstance(inputs, MessagesInputs) and (inputs.tools or inputs.functions):
             if inputs.response_format is not None:
@@ -101,12 +102,13 @@ class Runtime:
         request = GenerationRequest(
             tokens=tuple(tokens), sampling=SamplingParams.from_inputs(inputs, grammar),
             max_tokens=min(inputs.max_tokens, engine.check_fits(len(tokens))),  # clamped: finish "length"
-            stop_tokens=stop_tokens(engine, inputs), adapters=adapters)
+            stop_tokens=stop_tokens(engine, inputs), adapters=adapters, stop=tuple(inputs.stop or ()),
+            logprobs=logprobs)
         return Prepared(self, engine, request, inputs.max_tokens, schema, tools, mode)
 
-    def stream(self, model: Optional[str], inputs: Union[dict, Inputs]) -> Iterator[Union[Chunk, Result]]:
+    def stream(self, model: Optional[str], inputs: Union[dict, Inputs], **options: Any) -> Iterator[Union[Chunk, Result]]:
         """Text chunks as they come, then the Result. Fails (at the call) before any text."""
-        prepared = self.prepare(model, parse_inputs(inputs))
+        prepared = self.prepare(model, parse_inputs(inputs), **options)
         return prepared.run(prepared.generate())
 
     def close(self) -> None:
@@ -136,28 +138,42 @@ class Prepared:
         return (batcher or self.engine).generate(self.request)
 
     def run(self, chunks: Iterator[Chunk]) -> Iterator[Union[Chunk, Result]]:
-        """The text chunks, then the Result made from all of them."""
-        parts = []
+        """The text chunks, then the Result made from all of them. A tool call never streams
+        as text: with tools offered, the reply's first character says whether it is a call
+        (then nothing streams; the Result carries it) or text (then it streams as it comes)."""
+        parts: list[str] = []
+        logprobs: list = []
+        calling: Optional[bool] = False  # None: not known yet
+        if self.tools and self.tool_mode != "none":
+            calling = True if self.tool_mode in ("required", "function") else None
         try:
             for chunk in chunks:
-                if chunk.finish_reason is None:
-                    parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    yield self.finish("".join(parts), chunk, tuple(logprobs))
+                    continue
+                parts.append(chunk.text)
+                logprobs += chunk.logprobs
+                if calling is None:  # still undecided: held until the first character decides
+                    text = "".join(parts)
+                    if not text:
+                        continue
+                    calling = tools_mod.is_call(text)
+                    chunk = Chunk(text, logprobs=tuple(logprobs))
+                if not calling:
                     yield chunk
-                else:
-                    yield self.finish("".join(parts), chunk)
         finally:
             chunks.close()  # in this thread: frees the engine at once
 
-    def finish(self, text: str, last: Chunk) -> Result:
+    def finish(self, text: str, last: Chunk, logprobs: tuple = ()) -> Result:
         usage = Usage(last.prompt_tokens, last.completion_tokens)
         if self.schema is not None:
             value = structured.parse(text, self.schema, last.finish_reason, self.asked)
-            return Result(text, last.finish_reason, usage, value=value)
+            return Result(text, last.finish_reason, usage, value=value, logprobs=logprobs)
         if self.tools:
             call = tools_mod.parse_call(text, self.tools, self.tool_mode)
             if call is not None:
                 return Result(text, "tool_calls", usage, tool_calls=(call,))
-        return Result(text, last.finish_reason, usage)
+        return Result(text, last.finish_reason, usage, logprobs=logprobs)
 
 
 def encode(engine: "Engine", inputs: Inputs, preamble: Optional[str] = None) -> list[int]:

@@ -102,10 +102,16 @@ def grammar(tools: list[Tool], mode: str, name: Optional[str]) -> Optional[str]:
     return call + '\nroot ::= call | text\ntext ::= [^{] [^\\x00]*\n'
 
 
+def is_call(text: str) -> bool:
+    """Whether a reply is a call: by the grammar, a call's first character is "{" and text's
+    never is. One character decides, so a stream can send text as it comes."""
+    return text.startswith("{")
+
+
 def parse_call(text: str, tools: list[Tool], mode: str) -> Optional[dict]:
     """The call in a reply, as {"name", "arguments"}; None when the reply is text."""
     stripped = text.strip()
-    if mode == "none" or not stripped.startswith("{"):
+    if mode == "none" or not is_call(text):
         if mode in ("required", "function"):
             raise StructuredOutputError("tools: the reply was not a tool call (was max_tokens too small?)")
         return None

@@ -475,8 +475,8 @@ def test_openai_tool_round_trip_and_named_choice(client):
 
 
 @pytest.mark.parametrize("params, param", [
-    ({"n": 2}, "n"), ({"stop": ["\n"]}, "stop"), ({"presence_penalty": -0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"), ({"logprobs": True}, "logprobs"),
+    ({"n": 2}, "n"), ({"stop": ["1", "2", "3", "4", "5"]}, "stop"), ({"presence_penalty": -0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"1": 5}}, "logit_bias"), ({"temperature": 9}, "temperature"),
     ({"extra_body": {"best_of_n": 1}}, "best_of_n"),
 ])

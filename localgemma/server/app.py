@@ -21,7 +21,7 @@ from localgemma import __version__
 from localgemma.runtime import Runtime
 from localgemma.settings import Settings
 
-from . import errors, openai_shim, workers_ai
+from . import errors, openai_shim, responses, workers_ai
 from .middleware import BearerAuth, BodyLimit, Guard
 from .queue import Scheduler
 
@@ -84,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Guard)  # added last: runs first
     app.include_router(workers_ai.make_router())
     app.include_router(openai_shim.make_router())
+    app.include_router(responses.make_router())
     app.add_api_route("/health", health, methods=["GET"], tags=["Operations"])
     if settings.server_debug:
         app.add_api_route("/debug/jobs", debug_jobs, methods=["GET"], tags=["Operations"])

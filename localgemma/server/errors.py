@@ -40,7 +40,11 @@ def is_openai(scope: Scope) -> bool:
 def render(scope: Scope, exc: LocalGemmaError) -> JSONResponse:
     """The error in the shape of the surface `scope` belongs to."""
     exc.message = public_text(exc.message)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    # The OpenAI and Cloudflare SDKs retry 408, 409 and 5xx by themselves unless told not to:
+    # only a full queue or too many connections (429, 503) can be worth a retry here.
+    headers = {"x-should-retry": "true" if exc.status in (429, 503) else "false"}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     if not is_openai(scope):
         return JSONResponse(envelope_body(exc), status_code=exc.status, headers=headers)
     return JSONResponse(openai_body(exc), status_code=exc.openai_status or exc.status, headers=headers)

@@ -11,7 +11,6 @@ a 400 naming it, never ignored. Errors take OpenAI's shape (see errors.py).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,15 +22,14 @@ from fastapi import APIRouter, Request
 from localgemma import finetunes
 from localgemma.contract import Inputs, parse_inputs
 from localgemma.errors import UnknownModel, Unsupported
-from localgemma.generation import Chunk, Result
-from localgemma.settings import Settings
+from localgemma.generation import Chunk, Result, TokenLogprob
 
 from .errors import openai_body
 from .jsonbody import StrictRoute
 from .openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest, _Common
 from .queue import Job
 from .sse import DONE, begin, dumps, event, event_response
-from .workers_ai import check_model
+from .served import check_model, servable
 
 
 def make_router() -> APIRouter:
@@ -47,14 +45,11 @@ def make_router() -> APIRouter:
 
 def chat_inputs(req: ChatCompletionRequest) -> tuple[str, dict[str, Any]]:
     _refuse_unhonoured(req)
-    if req.logprobs or req.top_logprobs:
-        raise _unsupported("logprobs" if req.logprobs else "top_logprobs", "log probabilities are not available")
     if req.max_tokens is not None and req.max_completion_tokens not in (None, req.max_tokens):
         raise _unsupported("max_completion_tokens", f"{req.max_completion_tokens} contradicts max_tokens "
                                                    f"{req.max_tokens}; send one of them")
     model, lora = split_model(req.model)
-    called: dict[str, str] = {}  # tool_call_id -> function name, as the conversation goes
-    inputs = {"messages": [_message(i, m, called) for i, m in enumerate(req.messages)], **_sampling(req), "lora": lora,
+    inputs = {"messages": [_message(i, m) for i, m in enumerate(req.messages)], **_sampling(req), "lora": lora,
               "max_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens}
     if req.response_format and req.response_format.get("type") != "text":
         inputs["response_format"] = req.response_format
@@ -65,6 +60,13 @@ def chat_inputs(req: ChatCompletionRequest) -> tuple[str, dict[str, Any]]:
     return model, _drop_none(inputs)
 
 
+def chat_logprobs(req: ChatCompletionRequest) -> Optional[int]:
+    """OpenAI's logprobs (true/false) and top_logprobs (0-20) as the runtime's option."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise _unsupported("top_logprobs", "needs logprobs: true")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
 def completion_inputs(req: CompletionRequest) -> tuple[str, dict[str, Any]]:
     _refuse_unhonoured(req)
     if req.echo:
@@ -73,8 +75,6 @@ def completion_inputs(req: CompletionRequest) -> tuple[str, dict[str, Any]]:
         raise _unsupported("suffix", "insertion (text after the completion) is not available")
     if req.best_of not in (None, 1):
         raise _unsupported("best_of", f"only 1 can be honoured, got {req.best_of}")
-    if req.logprobs is not None:
-        raise _unsupported("logprobs", "log probabilities are not available")
     prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -93,9 +93,6 @@ def _unsupported(param: str, message: str) -> Unsupported:
 def _refuse_unhonoured(req: _Common) -> None:
     if req.n not in (None, 1):
         raise _unsupported("n", f"one choice per request (n=1), got n={req.n}; send separate requests")
-    if req.stop:
-        raise _unsupported("stop", "stop sequences are not part of the Workers AI contract; generation stops "
-                                  "at the end of the model's turn or at max_tokens")
     if req.logit_bias:
         raise _unsupported("logit_bias", "logit bias is not available")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -105,41 +102,25 @@ def _refuse_unhonoured(req: _Common) -> None:
 
 
 def _sampling(req: _Common) -> dict[str, Any]:
-    names = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty")
+    names = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty",
+             "stop")
     return {"stream": req.stream, **{name: getattr(req, name) for name in names}}
 
 
-def _message(i: int, m: ChatMessage, called: dict[str, str]) -> dict[str, Any]:
-    """One OpenAI message as a contract message. An assistant turn that called tools becomes the
-    call as the model writes it ({"name", "arguments"} JSON); a tool result gets the name of the
-    function it answers (from `called`: tool_call_id -> name, filled as calls are seen)."""
+def _message(i: int, m: ChatMessage) -> dict[str, Any]:
+    """One OpenAI message as a contract message (the contract takes assistant tool_calls and
+    tool results as they are; developer is system)."""
     if m.role == "function":
         raise _unsupported(f"messages[{i}].role", "'function' messages (deprecated) are not supported; use 'tool'")
     role = "system" if m.role == "developer" else m.role
     content = _text(i, m.content)
-    if m.tool_calls:
-        content = "\n".join(filter(None, [content, *(_call_text(i, j, c, called) for j, c in enumerate(m.tool_calls))]))
-    name = m.name or (called.get(m.tool_call_id) if m.role == "tool" else None)
-    return _drop_none({"role": role, "content": content, "name": name, "tool_call_id": m.tool_call_id})
+    return _drop_none({"role": role, "content": "" if content is None and not m.tool_calls else content,
+                       "name": m.name, "tool_call_id": m.tool_call_id, "tool_calls": m.tool_calls})
 
 
-def _call_text(i: int, j: int, call: dict[str, Any], called: dict[str, str]) -> str:
-    fn = call.get("function") or {}
-    try:
-        arguments = json.loads(fn.get("arguments") or "{}")
-    except (TypeError, json.JSONDecodeError):
-        raise _unsupported(f"messages[{i}].tool_calls[{j}].function.arguments",
-                          f"must be a JSON object as a string, got {fn.get('arguments')!r}") from None
-    if not isinstance(fn.get("name"), str):
-        raise _unsupported(f"messages[{i}].tool_calls[{j}].function.name", "a function name (string) is required")
-    if call.get("id"):
-        called[call["id"]] = fn["name"]
-    return json.dumps({"name": fn["name"], "arguments": arguments})
-
-
-def _text(i: int, content: Union[str, list[dict[str, Any]], None]) -> str:
+def _text(i: int, content: Union[str, list[dict[str, Any]], None]) -> Optional[str]:
     if content is None or isinstance(content, str):
-        return content or ""
+        return content
     parts = []
     for j, part in enumerate(content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -174,9 +155,7 @@ class _Reply:
     kind: str  # "chat" or "text"
     model: str
     include_usage: bool
-    # With tools, the text may turn out to be a tool call: held back until the end, then sent
-    # as content or as tool_calls, never both.
-    hold_text: bool = False
+    logprobs: bool = False
     id: str = ""
     created: int = 0
 
@@ -189,23 +168,26 @@ class _Reply:
 
     def whole(self, result: Result) -> dict[str, Any]:
         usage = result.usage.to_dict()
+        logprobs = self._logprobs(result.logprobs)
         if self.kind == "text":
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
             return {**self.head("text_completion"), "choices": [choice], "usage": usage}
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
         if result.tool_calls:
             message = {"role": "assistant", "content": None, "tool_calls": _tool_calls(result.tool_calls)}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.finish_reason}
         return {**self.head("chat.completion"), "choices": [choice], "usage": usage}
 
-    def piece(self, text: Optional[str], finish: Optional[str] = None, role: bool = False) -> dict[str, Any]:
+    def piece(self, text: Optional[str], finish: Optional[str] = None, role: bool = False,
+              logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
+        entries = self._logprobs(logprobs) if logprobs else None
         if self.kind == "text":
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": entries, "finish_reason": finish}
             out = {**self.head("text_completion"), "choices": [choice]}
         else:
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text is not None else {})
             out = {**self.head("chat.completion.chunk"),
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                   "choices": [{"index": 0, "delta": delta, "logprobs": entries, "finish_reason": finish}]}
         if self.include_usage:
             out["usage"] = None  # OpenAI: null on every chunk but the extra last one
         return out
@@ -219,6 +201,22 @@ class _Reply:
         obj = "text_completion" if self.kind == "text" else "chat.completion.chunk"
         return {**self.head(obj), "choices": [], "usage": result.usage.to_dict()}
 
+    def _logprobs(self, entries: tuple[TokenLogprob, ...]) -> Optional[dict[str, Any]]:
+        """OpenAI's shapes: chat {content: [{token, logprob, bytes, top_logprobs}]}; completions
+        the parallel lists {tokens, token_logprobs, top_logprobs, text_offset}."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+                                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top]}
+                                for e in entries], "refusal": None}
+        offsets, at = [], 0
+        for e in entries:
+            offsets.append(at)
+            at += len(e.token)
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+
 
 def _tool_calls(calls: tuple[dict, ...]) -> list[dict[str, Any]]:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -228,28 +226,23 @@ def _tool_calls(calls: tuple[dict, ...]) -> list[dict[str, Any]]:
 async def _events(reply: _Reply, first: Chunk | Result, job: Job) -> AsyncIterator[dict[str, str]]:
     if reply.kind == "chat":
         yield event(reply.piece("", role=True))
-    held, item = [], first
-    while isinstance(item, Chunk):  # the runtime's last item is the Result
-        if reply.hold_text:
-            held.append(item.text)
-        else:
-            yield event(reply.piece(item.text))
+    item = first
+    while isinstance(item, Chunk):  # the runtime's last item is the Result; a call never streams as text
+        yield event(reply.piece(item.text, logprobs=item.logprobs))
         item = await job.get()
     if item.tool_calls:
         yield event(reply.calls(item.tool_calls))
-    elif held:
-        yield event(reply.piece("".join(held)))
     yield event(reply.piece(None if reply.kind == "chat" else "", item.finish_reason))
     if reply.include_usage:
         yield event(reply.usage(item))
     yield DONE
 
 
-async def _answer(request: Request, reply: _Reply, model: str, inputs: Inputs):
-    job, first = await begin(request, request.app.state.scheduler, model, inputs)
+async def _answer(request: Request, reply: _Reply, model: str, inputs: Inputs, logprobs: Optional[int]):
+    job, first = await begin(request, request.app.state.scheduler, model, inputs, logprobs=logprobs)
     if not inputs.stream:
         return reply.whole(first)
-    return event_response(_events(reply, first, job), job, openai_body)
+    return event_response(_events(reply, first, job), job, lambda error: event(openai_body(error)))
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -257,31 +250,33 @@ async def _answer(request: Request, reply: _Reply, model: str, inputs: Inputs):
 async def chat_completions(request: Request, body: ChatCompletionRequest):
     model, fields = chat_inputs(body)
     inputs = parse_inputs(fields)
+    logprobs = chat_logprobs(body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    hold = bool(getattr(inputs, "tools", None)) and getattr(inputs, "tool_choice", None) != "none"
-    return await _answer(request, _Reply("chat", body.model, include_usage, hold), model, inputs)
+    return await _answer(request, _Reply("chat", body.model, include_usage, logprobs is not None), model, inputs,
+                         logprobs)
 
 
 async def completions(request: Request, body: CompletionRequest):
     model, fields = completion_inputs(body)
     inputs = parse_inputs(fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _answer(request, _Reply("text", body.model, include_usage), model, inputs)
+    return await _answer(request, _Reply("text", body.model, include_usage, body.logprobs is not None), model, inputs,
+                         body.logprobs)
 
 
 async def list_models(request: Request):
-    return {"object": "list", "data": await _model_cards(request.app.state.settings)}
+    return {"object": "list", "data": await _model_cards()}
 
 
 async def show_model(request: Request, model: str):
-    for card in await _model_cards(request.app.state.settings):
+    for card in await _model_cards():
         if card["id"] == model:
             return card
     raise UnknownModel(f"model {model!r} is not served here; GET /v1/models lists what is")
 
 
-async def _model_cards(settings: Settings) -> list[dict[str, Any]]:
-    served = settings.served_models
+async def _model_cards() -> list[dict[str, Any]]:
+    served = await anyio.to_thread.run_sync(servable)
     entries = await anyio.to_thread.run_sync(finetunes.list_finetunes)
     cards = [{"id": m, "object": "model", "created": 0, "owned_by": "localgemma"} for m in served]
     for e in entries:

@@ -3,8 +3,8 @@ names; `openai_shim` translates each into the Workers AI contract in one functio
 
 Parameters that are not declared here are refused by name ("unknown or unsupported
 parameter"). Some that are declared exist only so a client may send their neutral value
-(`n: 1`, `stop: null`, `logprobs: false`, ...); the translation refuses anything else.
-Bounds are not repeated here: the contract checks them, once, with its own messages.
+(`n: 1`, `logit_bias: {}`); the translation refuses anything else. Bounds are not repeated
+here: the contract checks them, once, with its own messages.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class _Common(_Wire):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # an end-user label; nothing to do with it locally
+    stop: Union[str, list[str], None] = Field(None, description="up to 4 stop strings (not returned)")
     # Declared only for their neutral values (see the module docstring).
     n: Optional[int] = None
-    stop: Union[str, list[str], None] = None
     logit_bias: Optional[dict[str, float]] = None
 
 
@@ -56,8 +56,10 @@ class ChatCompletionRequest(_Common):
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
+    # At most one call per turn is ever made, so both values are honoured.
+    parallel_tool_calls: Optional[bool] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Common):
@@ -65,4 +67,4 @@ class CompletionRequest(_Common):
     echo: Optional[bool] = None
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=5)

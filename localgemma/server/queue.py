@@ -56,8 +56,9 @@ class Job:
     """One request's generation, in its own thread; iterate it (async) for its items."""
 
     def __init__(self, runtime: Runtime, model: Optional[str], inputs: Any, stats: JobStats,
-                 on_exit: Callable[[], None]):
+                 on_exit: Callable[[], None], options: Optional[dict] = None):
         self.runtime, self.model, self.inputs, self.stats = runtime, model, inputs, stats
+        self.options = options or {}  # for Runtime.stream (logprobs)
         self._loop = asyncio.get_running_loop()
         self._items: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
@@ -99,7 +100,8 @@ class Job:
         try:
             if self._cancel.is_set():
                 return
-            self._drain(self.runtime.stream(self.model, self.inputs), bool(getattr(self.inputs, "stream", False)))
+            items = self.runtime.stream(self.model, self.inputs, **self.options)
+            self._drain(items, bool(getattr(self.inputs, "stream", False)))
         except BaseException as exc:  # noqa: BLE001 - every failure is the request's answer
             self.stats.state = "failed"
             self._put(exc)
@@ -175,7 +177,7 @@ class Scheduler:
             queue = self._queues[key] = ModelQueue(key, self.max_queue, self.slots)
         return queue
 
-    async def start(self, model: Optional[str], inputs: Any) -> Job:
+    async def start(self, model: Optional[str], inputs: Any, **options: Any) -> Job:
         """Admit (or raise QueueFull at once), wait for the model's turn, start generating."""
         from localgemma.models import EMBEDDED_ID
 
@@ -190,7 +192,7 @@ class Scheduler:
             stats.state, stats.ended_at = "cancelled", time.monotonic()
             queue.leave()
             raise
-        job = Job(self.runtime, model, inputs, stats, on_exit=lambda: self._release(queue, job))
+        job = Job(self.runtime, model, inputs, stats, on_exit=lambda: self._release(queue, job), options=options)
         self._active.add(job)
         job.start()
         return job

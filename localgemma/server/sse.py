@@ -37,14 +37,15 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def event(obj: Any) -> dict[str, str]:
-    return {"data": dumps(obj)}
+def event(obj: Any, name: Optional[str] = None) -> dict[str, str]:
+    """One server-sent event: `data: JSON` (after `event: NAME` when named)."""
+    return {"data": dumps(obj)} if name is None else {"event": name, "data": dumps(obj)}
 
 
 def event_response(events: AsyncIterator[dict[str, str]], job: Job,
-                   error_event: Callable[[LocalGemmaError], Any]) -> EventSourceResponse:
+                   error_event: Callable[[LocalGemmaError], dict[str, str]]) -> EventSourceResponse:
     """The stream's events as SSE. The 200 is sent by now, so a failure becomes one last event,
-    `error_event(error)` in the API's own shape; the job stops when the stream does (the client
+    `error_event(error)`, in the API's own shape; the job stops when the stream does (the client
     left, or the answer is complete)."""
     async def guarded() -> AsyncIterator[dict[str, str]]:
         try:
@@ -54,7 +55,7 @@ def event_response(events: AsyncIterator[dict[str, str]], job: Job,
             error = exc if isinstance(exc, LocalGemmaError) else InternalError(
                 f"generation failed ({type(exc).__name__})")
             log.warning("stream failed after its first chunk: %s", error.message)
-            yield event(error_event(error))
+            yield error_event(error)
         finally:
             job.cancel()
 
@@ -62,14 +63,15 @@ def event_response(events: AsyncIterator[dict[str, str]], job: Job,
     return EventSourceResponse(guarded(), sep="\n", ping=PING_SECONDS, send_timeout=SEND_TIMEOUT)
 
 
-async def begin(request: Request, scheduler: Scheduler, model: Optional[str], inputs: Any) -> tuple[Job, Any]:
+async def begin(request: Request, scheduler: Scheduler, model: Optional[str], inputs: Any,
+                **options: Any) -> tuple[Job, Any]:
     """Queue the request, start it, and return (job, its first item). A failure before the
     first item is raised here; a client that leaves meanwhile cancels the job (Aborted)."""
     job: Optional[Job] = None
 
     async def first() -> Any:
         nonlocal job
-        job = await scheduler.start(model, inputs)
+        job = await scheduler.start(model, inputs, **options)
         return await job.get()
 
     try:

@@ -3,7 +3,8 @@ uses). Answers are wrapped in Cloudflare's envelope; streams are Workers AI's SS
 
     POST   /client/v4/accounts/{account_id}/ai/run/{model}
     GET    /client/v4/accounts/{account_id}/ai/finetunes
-    POST   /client/v4/accounts/{account_id}/ai/finetunes                 {model, name, description}
+    GET    /client/v4/accounts/{account_id}/ai/finetunes/public
+    POST   /client/v4/accounts/{account_id}/ai/finetunes                 {model, name, description, public}
     GET    /client/v4/accounts/{account_id}/ai/finetunes/{id_or_name}
     POST   /client/v4/accounts/{account_id}/ai/finetunes/{id_or_name}/finetune-assets   multipart
     DELETE /client/v4/accounts/{account_id}/ai/finetunes/{id_or_name}
@@ -13,7 +14,7 @@ The account id is accepted and ignored: there is one registry per $LOCALGEMMA_HO
 
 from __future__ import annotations
 
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Optional
 
 import anyio
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -21,12 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localgemma import contract, finetunes
 from localgemma.contract import describe, parse_inputs
-from localgemma.errors import IncompleteRequest, InvalidInput, UnknownModel
+from localgemma.errors import IncompleteRequest, InvalidInput
 from localgemma.generation import Chunk, Result
 
 from .errors import envelope_body
 from .jsonbody import StrictRoute, parse_json
 from .queue import Job
+from .served import check_model
 from .sse import DONE, begin, event, event_response
 
 PREFIX = "/client/v4/accounts/{account_id}/ai"
@@ -47,23 +49,12 @@ async def read_json(request: Request) -> Any:
     return parse_json(body)
 
 
-def check_model(model: str) -> str:
-    """A model id this server answers for: a catalog id or a bound id. File paths are not
-    accepted over HTTP (they would let any client load any file on this machine)."""
-    from localgemma.models import CATALOG, bindings
-
-    known = list(CATALOG) + [b for b in bindings() if b not in CATALOG]
-    if model not in known:
-        raise UnknownModel(f"model {model!r} is unknown; this server answers for {', '.join(known)} "
-                           f"(bind another id with localgemma serve --model ID=PATH)")
-    return model
-
-
 def make_router() -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["Workers AI"], route_class=StrictRoute)
     router.add_api_route("/run/{model:path}", run_model, methods=["POST"])
     router.add_api_route("/finetunes", list_finetunes, methods=["GET"])
     router.add_api_route("/finetunes", create_finetune, methods=["POST"])
+    router.add_api_route("/finetunes/public", list_public_finetunes, methods=["GET"])
     router.add_api_route("/finetunes/{id_or_name}", show_finetune, methods=["GET"])
     router.add_api_route("/finetunes/{id_or_name}", delete_finetune, methods=["DELETE"])
     router.add_api_route("/finetunes/{id_or_name}/finetune-assets", upload_asset, methods=["POST"])
@@ -79,7 +70,7 @@ async def run_model(request: Request, account_id: str, model: str):
     job, first = await begin(request, request.app.state.scheduler, model, inputs)
     if not inputs.stream:
         return success(contract.output(first))
-    return event_response(_events(first, job), job, lambda error: {"errors": envelope_body(error)["errors"]})
+    return event_response(_events(first, job), job, lambda error: event({"errors": envelope_body(error)["errors"]}))
 
 
 async def _events(first: Chunk | Result, job: Job) -> AsyncIterator[dict[str, str]]:
@@ -96,12 +87,16 @@ class FinetuneCreate(BaseModel):
 
     model: str = Field(min_length=1, description="the base model id, e.g. @cf/google/gemma-2b-it-lora")
     name: str = Field(min_length=1, description="1-64 letters, digits, '.', '_' or '-'")
-    description: str = ""
+    description: Optional[str] = ""
+    public: Optional[bool] = Field(False, description="listed by GET .../finetunes/public")
 
 
 def public(entry: finetunes.Finetune) -> dict[str, Any]:
+    """Cloudflare's finetune object (id, name, description, model, created_at, modified_at,
+    public), and what is local besides (status, rank, alpha, targets, sha256, files, notes)."""
     data = entry.to_dict()
-    data.pop("adapter_path", None)  # a path on this machine is nobody's business over HTTP
+    for private in ("adapter_path", "version"):  # where things are on this machine is nobody's business
+        data.pop(private, None)
     return data
 
 
@@ -110,13 +105,20 @@ async def list_finetunes(account_id: str):
     return success([public(e) for e in entries])
 
 
+async def list_public_finetunes(account_id: str):
+    """A local server has no public catalog of others' finetunes: its own marked public."""
+    entries = await anyio.to_thread.run_sync(finetunes.list_finetunes)
+    return success([public(e) for e in entries if e.public])
+
+
 async def create_finetune(request: Request, account_id: str):
     try:
         spec = FinetuneCreate.model_validate(await read_json(request))
     except ValidationError as exc:
         raise InvalidInput(describe(exc, FinetuneCreate)) from None
     check_model(spec.model)
-    entry = await anyio.to_thread.run_sync(finetunes.create_pending, spec.model, spec.name, spec.description)
+    entry = await anyio.to_thread.run_sync(finetunes.create_pending, spec.model, spec.name, spec.description or "",
+                                           bool(spec.public))
     return success(public(entry))
 
 
