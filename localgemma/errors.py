@@ -124,6 +124,15 @@ class Unauthorized(LocalGemmaError):
     openai_code = "invalid_api_key"
 
 
+class Forbidden(LocalGemmaError):
+    """A request a browser was made to send: from a web page this server does not trust, or
+    to a host name it does not answer to (DNS rebinding)."""
+
+    code = 9109  # Cloudflare's "Unauthorized to access requested resource"
+    status = 403
+    openai_type = "permission_error"
+
+
 class QueueFull(LocalGemmaError):
     code = 3040  # "out of capacity"
     status = 429
@@ -176,6 +185,6 @@ ERRORS: tuple[type[LocalGemmaError], ...] = (
     InvalidInput, Unsupported, ContextOverflow, MalformedBody, IncompleteRequest, StructuredOutputError,
     UnknownModel, ModelUnavailable, BadGGUF, InsufficientMemory,
     UnknownFinetune, AdapterGone, FinetuneExists, FinetuneIncomplete, ConversionError, AdapterMismatch,
-    Unauthorized, QueueFull, TooManyConnections, BodyTooLarge, RequestTimeout, Aborted, NoRoute, MethodNotAllowed,
+    Unauthorized, Forbidden, QueueFull, TooManyConnections, BodyTooLarge, RequestTimeout, Aborted, NoRoute, MethodNotAllowed,
     InternalError,
 )

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(10.0, gt=0, description="largest request body (MiB); bigger ones get 413 "
                                                        "(finetune uploads have max_lora_mb)")
     max_connections: int = Field(256, ge=1, description="open connections at most; more get 503 at once")
+    cors_origins: list[str] = Field(default_factory=list, description="web origins (https://app.example:8443, or *) "
+                                    "whose pages may call the API; the playground's own origin always may")
+    allowed_hosts: list[str] = Field(default_factory=list, description="host names (besides localhost and the "
+                                     "bound address) the server answers to: others are refused (DNS rebinding)")
     header_timeout: float = Field(10.0, gt=0, description="seconds for a request line and headers to arrive")
     body_timeout: float = Field(30.0, gt=0, description="seconds a request body may stall between chunks")
     server_debug: bool = Field(False, description="expose GET /debug/jobs (per-request counters)")
@@ -101,6 +105,10 @@ def option(name: str, *flags: str, **kw: Any):
     default = field.default if field.default is not None else "unset"
     annotation = next((a for a in get_args(field.annotation) if a is not type(None)), field.annotation)
     kind = {int: int, float: float, bool: bool}.get(annotation, str)
+    if getattr(field.annotation, "__origin__", None) is list:  # repeatable; none given: the variable or default
+        help_text = f"{field.description[:1].upper()}{field.description[1:]} (repeatable; env {env_var(name)} as JSON)."
+        return click.option(*flags, name, multiple=True, help=help_text,
+                            callback=lambda ctx, param, value: list(value) or None, **kw)
     help_text = f"{field.description[:1].upper()}{field.description[1:]} (env {env_var(name)}; default {default})."
 
     def check(ctx, param, value):

@@ -3,7 +3,8 @@
 Each request is built by hypothesis (seeded, so a failure replays) from the contract's own
 field names mixed with junk: wrong types, NaN-ish strings, huge and negative numbers, deep
 nesting, odd content types and methods, unknown paths. Every answer must be below 500, on a
-connection that stays usable; every Workers AI answer must be Cloudflare's envelope (or its
+connection that stays usable; a foreign Origin on a request that acts, or a Host the server
+does not answer to, is always 403; every Workers AI answer must be Cloudflare's envelope (or its
 SSE stream); every /v1 error OpenAI's shape; and the server must be healthy afterwards.
 
 The default run (1000 requests) takes about a minute. LOCALGEMMA_FUZZ_EXAMPLES=20000 runs more;
@@ -160,15 +161,24 @@ def test_hostile_requests_never_5xx_or_drop_the_connection(srv):
     @given(route=st.sampled_from(ROUTES), data=st.data(), model=st.one_of(st.just(TWO_B), st.sampled_from(MODELS)),
            name=st.sampled_from(["good", "nope", "..", "a" * 70, "%2e%2e", "x y"]),
            content_type=st.sampled_from(["application/json", "text/plain", "multipart/form-data",
-                                         "application/x-www-form-urlencoded", None]))
-    def one(route, data, model, name, content_type):
+                                         "application/x-www-form-urlencoded", None]),
+           origin=st.sampled_from([None] * 40 + ["http://evil.example", "null", "http://127.0.0.1:1", "\x7f"]),
+           host=st.sampled_from([None] * 40 + ["evil.example", "", "localhost", "[::1]:1", "127.0.0.1.evil.example"]))
+    def one(route, data, model, name, content_type, origin, host):
         method, template = route
         api = "chat" if "chat" in template else "completions" if "completions" in template else "workers"
         body = data.draw(bodies(api))
         path = template.format(model=model, name=name)
         headers = {"Content-Type": content_type} if content_type else {}
+        if origin is not None:
+            headers["Origin"] = origin
+        if host is not None:
+            headers["Host"] = host
         content = body.encode("utf-8", "surrogatepass") if method in ("POST", "PUT") else None
         r = client.request(method, path, content=content, headers=headers)
+        foreign_host = host is not None and host.rsplit(":", 1)[0].strip("[]") not in ("localhost", "::1")
+        if foreign_host or (origin is not None and method not in ("GET", "HEAD")):
+            assert r.status_code == 403, (method, path, origin, host, r.status_code)  # before anything ran
         counts[f"{method} {template} -> {check(r)}"] += 1
 
     one()

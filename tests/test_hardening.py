@@ -308,7 +308,7 @@ def test_half_sent_heads_are_dropped_and_health_answers(srv):
     socks = []
     for _ in range(30):
         s = socket.create_connection(("127.0.0.1", srv.port))
-        s.sendall(b"POST /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        s.sendall(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
         socks.append(s)
     assert srv.healthy()
     time.sleep(1.6)  # LOCALGEMMA_HEADER_TIMEOUT=1
@@ -324,7 +324,7 @@ def test_half_sent_heads_are_dropped_and_health_answers(srv):
 
 def test_a_stalled_body_gets_408(srv):
     s = socket.create_connection(("127.0.0.1", srv.port))
-    s.sendall(b"POST " + srv.url().removeprefix(srv.base).encode() + b" HTTP/1.1\r\nHost: x\r\n"
+    s.sendall(b"POST " + srv.url().removeprefix(srv.base).encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
               b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
     s.settimeout(5)
     data = b""

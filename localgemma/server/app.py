@@ -21,8 +21,8 @@ from localgemma import __version__
 from localgemma.runtime import Runtime
 from localgemma.settings import Settings
 
-from . import errors, openai_shim, responses, workers_ai
-from .middleware import BearerAuth, BodyLimit, Guard
+from . import errors, openai_shim, playground, responses, workers_ai
+from .middleware import BearerAuth, BodyLimit, BrowserGuard, Guard
 from .queue import Scheduler
 
 # Finetune uploads carry whole adapter files: they get the registry's own size cap (plus room
@@ -71,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
     for model_id, path in settings.models.items():
         bind(model_id, path, persist=False)  # this process only; refuses a missing or non-GGUF file
     app = FastAPI(title="localgemma", version=__version__, lifespan=_lifespan, redirect_slashes=False,
+                  docs_url=None, redoc_url=None,  # playground.py serves them with assets from a package
                   description="Workers AI's LoRA Gemma models, served locally; and an OpenAI-style shim.")
     app.state.settings = settings
     app.state.runtime = runtime = Runtime(settings, exact=settings.exact)
@@ -81,11 +82,20 @@ def create_app(settings: Settings) -> FastAPI:
                        larger=[(workers_ai.ASSETS_PATH, settings.max_lora_bytes + MULTIPART_SLACK)])
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key)
+    if settings.cors_origins:  # outside auth: a preflight carries no key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(BrowserGuard, bound=settings.host, allowed_hosts=settings.allowed_hosts,
+                       cors_origins=settings.cors_origins)
     app.add_middleware(Guard)  # added last: runs first
     app.include_router(workers_ai.make_router())
     app.include_router(openai_shim.make_router())
     app.include_router(responses.make_router())
     app.add_api_route("/health", health, methods=["GET"], tags=["Operations"])
+    playground.install(app)
     if settings.server_debug:
         app.add_api_route("/debug/jobs", debug_jobs, methods=["GET"], tags=["Operations"])
     return app

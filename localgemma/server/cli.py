@@ -35,6 +35,8 @@ def parse_model_flag(text: str) -> tuple[str, str]:
 @option("exact", "--exact")
 @option("max_body_mb", "--max-body-mb")
 @option("max_connections", "--max-connections")
+@option("cors_origins", "--cors-origin")
+@option("allowed_hosts", "--allowed-host")
 def serve(models, **flags):
     """Serve Workers AI's REST API (/client/v4/accounts/ID/ai/...) and an OpenAI-style API (/v1)."""
     import uvicorn

@@ -2,7 +2,13 @@
 
 - `Guard` (outermost): every failure becomes an answer in the API's own shape, never a closed
   connection; `/path/` is served as `/path` (no 307 redirect with an empty body).
-- `BearerAuth` (`--api-key`): every route but /health wants `Authorization: Bearer KEY`.
+- `BrowserGuard`: what web pages may do. A Host this server does not answer to is refused (DNS
+  rebinding); a request that does work or changes state (anything but GET, HEAD, OPTIONS) from a
+  page on another origin is refused before anything runs, whatever its Content-Type (a
+  `no-cors` text/plain POST included), unless that origin is allowed (--cors-origin); then
+  Starlette's CORSMiddleware answers preflights and adds the headers.
+- `BearerAuth` (`--api-key`): every route but /health, the playground page and the API docs wants
+  `Authorization: Bearer KEY`.
 - `BodyLimit` (`--max-body-mb`): a body over the limit gets 413 (code 3006); a body that stops
   arriving for `idle` seconds gets 408 (code 3007).
 
@@ -24,11 +30,14 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from localgemma.errors import BodyTooLarge, InternalError, RequestTimeout, Unauthorized
+from localgemma.errors import BodyTooLarge, Forbidden, InternalError, RequestTimeout, Unauthorized
 
 from .errors import Carried, is_openai, render
 
-OPEN_PATHS = frozenset({"/health"})
+# Open even with --api-key: health, and what a browser loads before it can send a key (the page,
+# which asks for it, and the API docs: the contract is no secret).
+OPEN_PATHS = frozenset({"/health", "/", "/docs", "/redoc", "/openapi.json", "/schema/inputs"})
+OPEN_PREFIXES = ("/playground/", "/docs-assets/")
 log = logging.getLogger("localgemma.server")
 
 
@@ -59,6 +68,63 @@ class Guard:
                 await render(scope, error)(scope, receive, send)
 
 
+class BrowserGuard:
+    SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+    LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+    def __init__(self, app: ASGIApp, bound: str, allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = ()):
+        self.app = app
+        self.hosts = self.LOOPBACK | {h.strip("[]").lower() for h in (bound, *allowed_hosts)}
+        self.any_ip = bound in ("0.0.0.0", "::", "")  # listening everywhere: any address may name it
+        self.origins = {o.rstrip("/").lower() for o in cors_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        problem = self._host_problem(headers.get("host", "")) or self._origin_problem(scope, headers)
+        if problem:
+            await render(scope, Forbidden(problem))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _host_problem(self, host: str) -> Optional[str]:
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower()
+        if name in self.hosts or (self.any_ip and _is_ip(name)):
+            return None
+        return (f"this server does not answer to the host name {name!r} (a page may be trying DNS rebinding); "
+                "allow it with localgemma serve --allowed-host NAME")
+
+    def _origin_problem(self, scope: Scope, headers: Headers) -> Optional[str]:
+        origin = headers.get("origin")
+        cross = headers.get("sec-fetch-site") == "cross-site"
+        preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
+        if (scope["method"] in self.SAFE and not preflight) or (origin is None and not cross):
+            return None  # reads are safe (CORS keeps their answers from other pages); no Origin: not a browser
+        if origin is not None and self.allowed(origin, f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"):
+            return None
+        return (f"requests from web pages at {origin or 'another site'} are not allowed here; allow that origin "
+                "with localgemma serve --cors-origin ORIGIN")
+
+    def allowed(self, origin: str, own: str) -> bool:
+        """`own`: this server's origin as the request reached it (scheme://host[:port]; the scheme
+        is https behind a local TLS proxy that says so, uvicorn's --proxy-headers)."""
+        origin = origin.rstrip("/").lower()
+        return origin == own.lower() or "*" in self.origins or origin in self.origins
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 class BearerAuth:
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
@@ -66,7 +132,8 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = None
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             problem = self._problem(scope)
         if problem is None:
             await self.app(scope, receive, send)
