@@ -334,3 +334,53 @@ def finetune_verify(name_or_id, model, as_json):
                "  MISMATCH: the runtime's adapter does not match its PEFT source")
     if not report.ok:
         raise SystemExit(1)
+
+
+@finetune.command("push")
+@click.argument("name_or_id")
+@click.option("--account", envvar="CLOUDFLARE_ACCOUNT_ID", help="Cloudflare account id (env CLOUDFLARE_ACCOUNT_ID).")
+@click.option("--token", envvar="CLOUDFLARE_API_TOKEN", help="API token with Workers AI write access "
+              "(env CLOUDFLARE_API_TOKEN; prefer the variable: a flag shows in the process list).")
+@click.option("--api-base", envvar="CLOUDFLARE_BASE_URL", default="https://api.cloudflare.com/client/v4",
+              show_default=True, help="The REST API's base (env CLOUDFLARE_BASE_URL); another localgemma serve "
+              "answers at http://HOST:PORT/client/v4.")
+@click.option("--model", "-m", default=None, help="The model, when a name is used for several.")
+@click.option("--name", "remote_name", default=None, help="Name on Workers AI (default: the same).")
+@click.option("--public", is_flag=True, help="Make the finetune public on Workers AI.")
+@click.option("--resume", is_flag=True, help="Upload into the remote finetune of that name (after a push failed).")
+@click.option("--max-rank", type=click.IntRange(1), default=32, show_default=True, help="Workers AI's rank limit.")
+@click.option("--max-mb", type=click.FloatRange(0, min_open=True), default=300.0, show_default=True,
+              help="Workers AI's adapter file limit, MB.")
+@click.option("--max-adapters", type=click.IntRange(1), default=100, show_default=True,
+              help="Workers AI's finetunes per account.")
+def finetune_push(name_or_id, account, token, api_base, model, remote_name, public, resume, max_rank, max_mb,
+                  max_adapters):
+    """Create the finetune on Workers AI (or another localgemma) and upload its PEFT files.
+
+    Workers AI's limits (model, rank, file size, adapters per account) are checked first, and a
+    refusal names the one that fails. Then `"lora": "NAME"` works there as it does here."""
+    from .remote import Limits, push
+
+    def progress(file_name: str, sent: int, total: int) -> None:
+        end = "\n" if sent >= total else ""
+        click.echo(f"\rupload {file_name}: {sent / 1e6:7.1f} / {total / 1e6:.1f} MB ({sent / max(total, 1):4.0%})",
+                   nl=bool(end), err=True)
+
+    remote = push(name_or_id, account=account or "", token=token or "", api_base=api_base, model=model,
+                  remote_name=remote_name, public=public, resume=resume, progress=progress,
+                  limits=Limits(max_rank=max_rank, max_mb=max_mb, max_adapters=max_adapters),
+                  notes=lambda note: click.echo(f"note: {note}", err=True))
+    click.echo(f"pushed {remote.get('name')} ({remote.get('id')}) for {remote.get('model')}: "
+               f"use \"lora\": \"{remote.get('name')}\" with {remote.get('model')}")
+
+
+@finetune.command("export")
+@click.argument("name_or_id")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--model", "-m", default=None, help="The model, when a name is used for several.")
+def finetune_export(name_or_id, folder, model):
+    """Write the finetune's PEFT files (as uploaded) to a new FOLDER, for vLLM or LoRAX."""
+    from .remote import export
+
+    dest = export(name_or_id, folder, model)
+    click.echo(f"{dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")

@@ -116,6 +116,21 @@ class AdapterMismatch(LocalGemmaError):
     """The adapter was made for another base model (llama.cpp refused its tensors)."""
 
 
+# -- moving a finetune elsewhere (finetune push / export) -----------------------------------------
+
+class OverLimit(LocalGemmaError):
+    """The finetune breaks a limit of where it is going (Workers AI's rank, file size, models,
+    adapters per account), named with its value; or the export folder is not empty."""
+
+
+class RemoteError(LocalGemmaError):
+    """Workers AI (or the --api-base given) refused the push or could not be reached: its words."""
+
+    code = 3043
+    status = 502
+    openai_type = "api_error"
+
+
 # -- serving -----------------------------------------------------------------------------------
 
 class Unauthorized(LocalGemmaError):
@@ -185,6 +200,7 @@ ERRORS: tuple[type[LocalGemmaError], ...] = (
     InvalidInput, Unsupported, ContextOverflow, MalformedBody, IncompleteRequest, StructuredOutputError,
     UnknownModel, ModelUnavailable, BadGGUF, InsufficientMemory,
     UnknownFinetune, AdapterGone, FinetuneExists, FinetuneIncomplete, ConversionError, AdapterMismatch,
+    OverLimit, RemoteError,
     Unauthorized, Forbidden, QueueFull, TooManyConnections, BodyTooLarge, RequestTimeout, Aborted, NoRoute, MethodNotAllowed,
     InternalError,
 )
