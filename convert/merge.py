@@ -4,9 +4,11 @@ Route (measured on the embedded Gemma 3 270M Q4_K_M, whose 236 tensors mix F32, 
 Q8_0 and Q6_K because 640-wide rows do not fit K-quant blocks):
 
 1. dequantize only the adapted weights (gguf.quants.dequantize), add the deltas in float32;
-2. write an intermediate GGUF: every other tensor's bytes copied untouched, the merged weights
-   as F32, all metadata copied (~1.5 s). Tensors stream to disk one at a time, so memory holds
-   one merged weight, not the model;
+2. write an intermediate GGUF: the metadata's bytes and every other tensor's bytes copied
+   untouched, the merged weights as F32. The base is read through the header reader
+   (localgemma/gguf_header.py: milliseconds, the tokenizer's 262k-entry arrays are never
+   parsed, only copied); tensors stream to disk one at a time, so memory holds one merged
+   weight, not the model;
 3. llama.cpp's quantizer (llama_quant.py) with every weight pinned to its base type (~0.6 s).
    It copies any tensor already in its pinned type byte for byte, so untouched tensors come
    out byte-identical (checked: 232 of 236 identical after merging 4), and it quantizes the
@@ -29,6 +31,7 @@ exactly as llama.cpp does, so the merged weights are written in their own type d
 from __future__ import annotations
 
 import math
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +42,8 @@ import numpy as np
 
 from ..errors import ConversionError
 from ..files import atomic_output
-from .gguf_lora import (BaseModel, GgufAdapter, check_output_path, field, open_gguf, read_adapter, read_base,
-                        read_gguf)
+from ..gguf_header import Header, read_header, tensor_bytes
+from .gguf_lora import BaseModel, GgufAdapter, check_output_path, read_adapter, read_base
 from .llama_quant import ftype_name, ftype_of, run_quantizer
 from .lora import peft_to_gguf
 
@@ -69,8 +72,8 @@ def merge(base_gguf: str | Path, adapters: Sequence[tuple[str | Path, float]], o
     _check_adapter_list(adapters)
     target_ftype = ftype_of(out_type) if out_type else None
     base = read_base(base_path)
-    reader = open_gguf(base_path)
-    base_ftype = field(reader, "general.file_type")
+    reader = read_header(base_path)
+    base_ftype = reader.get("general.file_type")
     if target_ftype is None and base_ftype is None:
         raise ConversionError(f"{base_path} does not record its file type (general.file_type); pass out_type, e.g. Q8_0")
     keep_ftype = base_ftype if target_ftype in (None, base_ftype) else None
@@ -94,7 +97,7 @@ def merge_reference(base_gguf: str | Path, adapters: Sequence[tuple[str | Path, 
     out = check_output_path(out_path, base_path, *(path for path, _ in adapters))
     _check_adapter_list(adapters)
     base = read_base(base_path)
-    reader = open_gguf(base_path)
+    reader = read_header(base_path)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merge-") as tmpdir:
         loaded = [(_load_adapter(Path(path), base, Path(tmpdir) / f"adapter{i}.gguf"), float(scale))
                   for i, (path, scale) in enumerate(adapters)]
@@ -127,19 +130,44 @@ def _load_adapter(path: Path, base: BaseModel, scratch: Path) -> GgufAdapter:
     return adapter
 
 
+@dataclass(frozen=True)
+class _Tensor:
+    """A base tensor: name, ggml type, numpy shape, and its stored bytes (a memory-map view)."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    raw: memoryview
+
+    @property
+    def data(self) -> np.ndarray:
+        """The stored bytes shaped as gguf.quants expects them (uint8 rows of blocks)."""
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(self.shape, self.tensor_type)
+        return np.frombuffer(self.raw, dtype=np.uint8).reshape(byte_shape)
+
+
+def _tensors(header: Header) -> list[_Tensor]:
+    try:
+        return [_Tensor(t.name, gguf.GGMLQuantizationType(t.type), t.shape, tensor_bytes(header, t))
+                for t in header.tensors.values()]
+    except ValueError as exc:
+        raise ConversionError(f"{header.path.name}: {exc}") from None
+
+
 class _Merger:
     """Computes merged weights on demand, in the base's tensor order, reporting progress."""
 
-    def __init__(self, reader: gguf.GGUFReader, adapters: list[tuple[GgufAdapter, float]], report: Progress):
+    def __init__(self, reader: Header, adapters: list[tuple[GgufAdapter, float]], report: Progress):
         self.reader, self.adapters, self.report = reader, adapters, report
-        self.names = [t.name for t in reader.tensors if any(t.name in a.pairs for a, _ in adapters)]
-        self.types = {t.name: t.tensor_type for t in reader.tensors}
+        self.tensors = _tensors(reader)
+        self.names = [t.name for t in self.tensors if any(t.name in a.pairs for a, _ in adapters)]
+        self.types = {t.name: t.tensor_type for t in self.tensors}
         self.total = len(self.names) + 1
         self.done = 0
 
-    def weight(self, tensor) -> np.ndarray:
+    def weight(self, tensor: _Tensor) -> np.ndarray:
         """W + sum of the adapters' deltas, float32 in numpy order [n_out, n_in]."""
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(tensor.shape)
         for adapter, scale in self.adapters:
             if tensor.name in adapter.pairs:
                 weight += adapter.delta(tensor.name, scale)
@@ -164,53 +192,54 @@ def _write_merged(merger: _Merger, out: Path, scratch: Path, keep_ftype: Optiona
         run_quantizer(intermediate, out, target_ftype, allow_requantize=True)
 
 
-def write_model(reader: gguf.GGUFReader, path: Path, replaced: dict[str, gguf.GGMLQuantizationType],
-                produce: Callable[[object], np.ndarray]) -> None:
-    """Copy the GGUF behind `reader` to `path` (all metadata, every tensor's bytes), except the
-    tensors named in `replaced`: written in the given type, with data from produce(tensor),
-    called one tensor at a time while writing."""
-    writer = gguf.GGUFWriter(str(path), field(reader, "general.architecture"))
-    alignment = field(reader, "general.alignment")
-    if alignment:
-        writer.data_alignment = int(alignment)
-    _copy_metadata(reader, writer)
-    for t in reader.tensors:
-        if t.name in replaced:
-            shape = tuple(int(d) for d in reversed(t.shape))  # numpy order, e.g. [n_out, n_in]
-            nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, replaced[t.name])))
-            writer.add_tensor_info(t.name, shape, np.dtype(np.float32), nbytes, raw_dtype=replaced[t.name])
-        else:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(produce(t) if t.name in replaced else t.data)
-    writer.close()
-
-
-def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue  # the header's own counts, and the key the writer adds itself
-        if len(f.types) > 2:
-            raise ConversionError(f"metadata {key} is a nested array, which this merge cannot copy")
-        sub_type = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub_type)
+def write_model(reader: Header, path: Path, replaced: dict[str, gguf.GGMLQuantizationType],
+                produce: Callable[[_Tensor], np.ndarray]) -> None:
+    """Copy the GGUF behind `reader` to `path` -- the metadata's bytes as they are, every
+    tensor's bytes -- except the tensors named in `replaced`: written in the given type, with
+    data from produce(tensor) (numpy order, already in that type's layout), called one tensor at
+    a time while writing. Same tensor order, same alignment as the base."""
+    alignment = int(reader.get("general.alignment", 32))
+    tensors = _tensors(reader)
+    infos, sizes, offset = [], [], 0
+    for t in tensors:
+        kind = replaced.get(t.name, t.tensor_type)
+        nbytes = len(t.raw) if t.name not in replaced else \
+            int(np.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, kind)))
+        name = t.name.encode()
+        dims = tuple(reversed(t.shape))  # GGUF stores ne[0] (the row length) first
+        infos.append(struct.pack(f"<Q{len(name)}sI{len(dims)}QIQ", len(name), name, len(dims), *dims, int(kind), offset))
+        sizes.append(nbytes)
+        offset += -(-nbytes // alignment) * alignment
+    kv_start, kv_end = reader.kv_span
+    with open(path, "wb") as out:
+        out.write(struct.pack("<4sIQQ", b"GGUF", reader.version, len(tensors), len(reader.fields)))
+        out.write(memoryview(reader._map)[kv_start:kv_end])
+        out.write(b"".join(infos))
+        out.write(b"\0" * (-out.tell() % alignment))
+        for t, nbytes in zip(tensors, sizes):
+            if t.name in replaced:
+                data = np.ascontiguousarray(produce(t))
+                if data.nbytes != nbytes:
+                    raise ConversionError(f"{t.name}: {data.nbytes} bytes produced for a slot of {nbytes}")
+                out.write(data.tobytes())
+            else:
+                out.write(t.raw)
+            out.write(b"\0" * (-nbytes % alignment))
 
 
 _UNQUANTIZED = (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16)
 
 
-def _quantize_as_base(reader: gguf.GGUFReader, base_ftype: int, intermediate: Path, out: Path) -> None:
+def _quantize_as_base(reader: Header, base_ftype: int, intermediate: Path, out: Path) -> None:
     """Every weight back to the type it has in the base (see the module docstring)."""
-    pins = {t.name: int(t.tensor_type) for t in reader.tensors if len(t.shape) >= 2}
+    pins = {t.name: int(t.type) for t in reader.tensors.values() if len(t.shape) >= 2}
     run_quantizer(intermediate, out, base_ftype, pins=pins, allow_requantize=False)
     if base_ftype in _UNQUANTIZED:
         # llama.cpp ignores pins for F32/F16/BF16 file types: check what it did instead.
-        written = {t.name: t.tensor_type for t in read_gguf(out).tensors}
-        changed = [f"{t.name} ({t.tensor_type.name} -> {written[t.name].name})"
-                   for t in reader.tensors if written[t.name] != t.tensor_type]
+        written = {t.name: t.type for t in read_header(out).tensors.values()}
+        name = lambda kind: gguf.GGMLQuantizationType(kind).name  # noqa: E731
+        changed = [f"{t.name} ({name(t.type)} -> {name(written[t.name])})"
+                   for t in reader.tensors.values() if written[t.name] != t.type]
         if changed:
             raise ConversionError(f"llama.cpp would change the type of {', '.join(changed[:3])}; "
                                   "pass an explicit out_type (e.g. F16) to accept that")

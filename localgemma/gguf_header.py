@@ -27,6 +27,7 @@ MAGIC = b"GGUF"
 # GGUF value types -> struct format (8: string and 9: array are handled apart)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 MAX_TENSORS = 1 << 20
 MAX_KV = 1 << 16
 MAX_DIMS = 4
@@ -51,6 +52,7 @@ class Header:
     data_start: int
     file_size: int
     _map: Optional[mmap.mmap] = field(default=None, repr=False)
+    kv_span: tuple[int, int] = (24, 24)  # where the metadata's bytes are: copied as-is by a merge
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
@@ -120,12 +122,13 @@ class _Parser:
                 if n * width > self.size - self.pos:
                     raise ValueError(f"an array of {n} items at offset {self.pos} runs past the end of the file")
                 self.pos += n * width
-            elif item == _STRING:
-                for _ in range(n):  # only the lengths are read
-                    length = self.take("Q")
-                    if length > self.size - self.pos:
-                        raise ValueError(f"a string of {length} bytes runs past the end of the file")
-                    self.pos += length
+            elif item == _STRING:  # only the lengths are read: the tokenizer's 262k strings in ~0.1 s
+                pos, view, size, length_at = self.pos, self.view, self.size, _U64.unpack_from
+                for _ in range(n):
+                    pos += 8 + length_at(view, pos)[0]
+                    if pos > size:
+                        raise ValueError("a string runs past the end of the file")
+                self.pos = pos
             else:
                 raise ValueError(f"an array of value type {item} (nested arrays are not used by llama.cpp)")
             return ref
@@ -141,9 +144,11 @@ class _Parser:
         if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
             raise BadGGUF(f"{self.path.name} claims {n_tensors} tensors and {n_kv} metadata keys; that is not a model")
         fields = {}
+        kv_start = self.pos
         for _ in range(n_kv):
             key = self.string()
             fields[key] = self.value(self.take("I"))
+        kv_end = self.pos
         tensors = {}
         for _ in range(n_tensors):
             name = self.string()
@@ -157,7 +162,16 @@ class _Parser:
         if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
             raise BadGGUF(f"{self.path.name}: general.alignment is {alignment!r}; expected a power of two")
         data_start = -(-self.pos // alignment) * alignment
-        return Header(self.path, version, fields, tensors, data_start, self.size, self.view)
+        return Header(self.path, version, fields, tensors, data_start, self.size, self.view, (kv_start, kv_end))
+
+
+def tensor_bytes(header: Header, tensor: Tensor) -> memoryview:
+    """A tensor's data as stored (no copy: a view of the memory map)."""
+    start = header.data_start + tensor.offset
+    end = start + tensor_nbytes(tensor)
+    if end > header.file_size:
+        raise ValueError(f"tensor {tensor.name!r} runs past the end of {header.path.name}")
+    return memoryview(header._map)[start:end]
 
 
 def read_array(header: Header, key: str) -> list:
