@@ -122,6 +122,10 @@ def main() -> None:
     from bench_server import server_bench
 
     server_bench(path, threads)
+    print("-- KV cache types (ratio: type over f16; KV MiB: f16 over type)")
+    from bench_kv import kv_bench
+
+    kv_bench(path, threads)
 
 
 if __name__ == "__main__":

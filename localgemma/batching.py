@@ -134,6 +134,7 @@ class Batcher:
         cparams.n_batch = cparams.n_ubatch = self.engine.n_batch
         cparams.n_seq_max = self.parallel
         cparams.kv_unified = True  # one pool of cells: a long request may use what short ones leave
+        self.engine.set_kv_type(cparams)
         cparams.n_threads = cparams.n_threads_batch = self.engine.n_threads
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self.engine._model, cparams)

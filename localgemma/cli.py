@@ -17,6 +17,23 @@ _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed",
              "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
+def load_options(fn):
+    """--n-ctx and --kv-type: how the model is loaded (settings.py declares them)."""
+    from .settings import option
+
+    fn = option("kv_type", "--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]))(fn)
+    return option("n_ctx", "--n-ctx")(fn)
+
+
+def _configure(n_ctx, kv_type) -> None:
+    """Flags win over LOCALGEMMA_* variables: the default runtime loads with them."""
+    if n_ctx is not None or kv_type is not None:
+        from .runtime import configure
+        from .settings import current
+
+        configure(exact=True, settings=current(n_ctx=n_ctx, kv_type=kv_type))
+
+
 def sampling_options(fn):
     schema = PromptInputs.model_json_schema()["properties"]
     for name in reversed(_SAMPLING):
@@ -63,10 +80,12 @@ def main() -> None:
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result object (one JSON line per chunk with --stream).")
 @sampling_options
-def run(prompt, model, input_file, lora, raw, stream, as_json, **sampling):
+@load_options
+def run(prompt, model, input_file, lora, raw, stream, as_json, n_ctx, kv_type, **sampling):
     """Run one request, like env.AI.run(MODEL, INPUTS)."""
     from .runtime import run as run_request
 
+    _configure(n_ctx, kv_type)
     inputs = _read_inputs(input_file)
     if prompt is not None:
         inputs["prompt"] = prompt
@@ -107,10 +126,12 @@ def _read_inputs(fh) -> dict[str, Any]:
 @click.option("--system", default=None, help="A system message to start the conversation with.")
 @click.option("--lora", default=None, help="Finetune name or id.")
 @sampling_options
-def chat(model, system, lora, **sampling):
+@load_options
+def chat(model, system, lora, n_ctx, kv_type, **sampling):
     """Talk to the model: streaming, keeps history. /reset forgets it, /exit leaves."""
     from .runtime import get_engine, run as run_request
 
+    _configure(n_ctx, kv_type)
     get_engine(model)  # load (and fail) before the first prompt, not after it
     options = {k: v for k, v in {"lora": lora, **sampling}.items() if v is not None}
     start = [{"role": "system", "content": system}] if system else []
@@ -213,27 +234,54 @@ def models_unbind(model_id):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(as_json):
-    """llama.cpp build, SIMD features, backend and threads on this machine."""
+    """llama.cpp build, SIMD features, backend, threads, and what each model needs in memory."""
     import llama_cpp
 
-    from . import system
-    from .models import home
+    from . import memory, system
+    from .models import CATALOG, home, local_path
+    from .settings import current
 
+    settings = current()
+    available = system.available_memory()
     facts = {
         "localgemma": __version__,
         "llama_cpp_python": llama_cpp.__version__,
         "backend": system.backend(),
         "simd": system.simd_features(),
         "threads": system.physical_cores(),
-        "available_memory_mib": (system.available_memory() or 0) // 2**20,
+        "available_memory_mib": (available or 0) // 2**20,
         "home": str(home()),
         "llama_cpp_system_info": system.system_info(),
     }
+    estimates = {}
+    for model_id, spec in CATALOG.items():  # a file here: its own header; else the catalog's shape
+        path = local_path(model_id)
+        shape = memory.shape_of(path) if path else spec.shape
+        if shape is None:
+            continue
+        n_ctx = settings.n_ctx or spec.n_ctx
+        run = memory.estimate(shape, [memory.Context(n_ctx)], settings.kv_type)
+        serve = memory.estimate(shape, [memory.Context(n_ctx), memory.Context(settings.batch_ctx, settings.parallel)],
+                                settings.kv_type)
+        largest = memory.largest_context(shape, available, settings.kv_type) if available else None
+        estimates[model_id] = {"run": run.to_dict(), "serve": serve.to_dict(), "here": path is not None,
+                               "fits_run": available is None or run.total <= available,
+                               "fits_serve": available is None or serve.total <= available,
+                               "largest_context_that_fits": largest}
     if as_json:
-        click.echo(json.dumps(facts, indent=2))
+        click.echo(json.dumps({**facts, "memory": estimates}, indent=2))
         return
     for key, value in facts.items():
         click.echo(f"{key:22} {', '.join(value) if isinstance(value, list) else value}")
+    context = settings.n_ctx or "the catalog's"
+    click.echo(f"\nmemory needed at the default settings (context {context}, KV {settings.kv_type}; serve adds a "
+               f"batch context of {settings.batch_ctx} tokens for {settings.parallel} requests):")
+    for model_id, e in estimates.items():
+        verdict = lambda ok: "fits" if ok else "does NOT fit"  # noqa: E731
+        click.echo(f"  {model_id:32} run {e['run']['total_mib']:>6,} MiB ({verdict(e['fits_run'])}), serve "
+                   f"{e['serve']['total_mib']:>6,} MiB ({verdict(e['fits_serve'])})"
+                   + ("" if e["fits_run"] or not e["largest_context_that_fits"] else
+                      f"; largest context that fits: {e['largest_context_that_fits']}"))
 
 
 from .convert.cli import convert  # noqa: E402  (PEFT -> GGUF, merge, quantize)

@@ -18,7 +18,7 @@ import llama_cpp
 
 from . import sampling, system
 from .adapters import AdapterCache
-from .errors import ContextOverflow, InsufficientMemory, LocalGemmaError
+from .errors import ContextOverflow, InsufficientMemory, InvalidInput, LocalGemmaError
 from .generation import AdapterRef, Chunk, Decoder, GenerationRequest
 from .settings import current as settings
 
@@ -26,6 +26,9 @@ log = logging.getLogger("localgemma")
 
 DEFAULT_N_CTX = 8192
 DEFAULT_N_BATCH = 512
+# llama.cpp's KV cache types (`--kv-type`): ggml type ids. Quantized caches need flash
+# attention, which llama.cpp turns on by itself on the CPU ("auto").
+KV_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 _backend_ready = False
 _backend_lock = threading.Lock()
@@ -72,12 +75,16 @@ class Engine:
         n_threads: Optional[int] = None,
         n_batch: int = DEFAULT_N_BATCH,
         probe: bool = True,
+        kv_type: str = "f16",
     ):
         """`probe`: check the file's header and, once per file, load it in a child process
         first (localgemma.probe), so a file llama.cpp would abort on cannot end this process.
         Only files this process made itself skip it."""
         self.path = Path(path)
         self._model = self._ctx = None
+        if kv_type not in KV_GGML_TYPES:
+            raise InvalidInput(f"kv_type: {kv_type!r} is not a KV cache type; use one of {', '.join(KV_GGML_TYPES)}")
+        self.kv_type = kv_type
         if probe:
             from .probe import ensure_loadable
 
@@ -99,6 +106,7 @@ class Engine:
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = n_batch
         cparams.n_seq_max = 1
+        self.set_kv_type(cparams)
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
@@ -118,6 +126,9 @@ class Engine:
         # aligned at position 0 -- the only KV a later prompt may reuse (see _prefill).
         self._kv_slices: list[int] = []
         self.reused_tokens = 0  # of the last prompt (tests and bench read it)
+
+    def set_kv_type(self, cparams) -> None:
+        cparams.type_k = cparams.type_v = KV_GGML_TYPES[self.kv_type]
 
     # -- tokens -----------------------------------------------------------------------------
 

@@ -51,17 +51,36 @@ class Runtime:
     def engine(self, model: Optional[str] = None) -> "Engine":
         """The engine for a model id or .gguf path, loaded once and kept."""
         from .engine import Engine
-        from .models import CATALOG, resolve
+        from .models import resolve
 
         path = resolve(model).resolve()
         with self._lock:
             engine = self._engines.get(path)
             if engine is None:
-                spec = CATALOG.get(model or "")
+                n_ctx, note = self.plan(model, path)
+                if note:
+                    import logging
+
+                    logging.getLogger("localgemma").warning(note)
                 settings = self._settings()
-                engine = self._engines[path] = Engine(path, n_ctx=settings.n_ctx or (spec.n_ctx if spec else None),
-                                                      n_threads=settings.threads)
+                engine = self._engines[path] = Engine(path, n_ctx=n_ctx, n_threads=settings.threads,
+                                                      kv_type=settings.kv_type)
             return engine
+
+    def plan(self, model: Optional[str], path: Optional[Path] = None) -> tuple[int, Optional[str]]:
+        """The context `model` will load with: the one asked for or the catalog's when it fits in
+        memory (with the batch context a server adds), else the largest that fits, with a note
+        saying so; InsufficientMemory, naming what would fit, when what was asked for won't."""
+        from . import memory
+        from .models import CATALOG, resolve
+
+        settings = self._settings()
+        spec = CATALOG.get(model or "")
+        others = [] if self.exact else [memory.Context(settings.batch_ctx, settings.parallel)]
+        advice = [] if self.exact else [f"a smaller batch context (--batch-ctx {max(256, settings.batch_ctx // 2)})"]
+        return memory.fit(path or resolve(model).resolve(), n_ctx=settings.n_ctx,
+                          default_ctx=spec.n_ctx if spec else None, kv_type=settings.kv_type, others=others,
+                          advice=advice)
 
     def batcher(self, engine: "Engine") -> Optional["Batcher"]:
         """The engine's batch scheduler (None when exact), created on first use and kept."""
@@ -210,12 +229,13 @@ def stop_tokens(engine: "Engine", inputs: Inputs) -> frozenset[int]:
 _default = Runtime(exact=True)
 
 
-def configure(*, exact: bool) -> Runtime:
+def configure(*, exact: bool, settings: Optional[Settings] = None) -> Runtime:
     """`configure(exact=False)`: from now on the Python API batches concurrent unseeded
-    requests (as `localgemma serve` does); exact=True (the default) runs each alone."""
+    requests (as `localgemma serve` does); exact=True (the default) runs each alone.
+    `settings`: fixed settings (e.g. the CLI's flags) instead of the environment's at each load."""
     global _default
-    if exact != _default.exact:
-        old, _default = _default, Runtime(exact=exact)
+    if exact != _default.exact or settings is not None:
+        old, _default = _default, Runtime(settings, exact=exact)
         old.close()
     return _default
 

@@ -9,7 +9,7 @@ server builds one from its flags (flags win over variables, variables over defau
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,7 +24,10 @@ class Settings(BaseSettings):
     home: Optional[Path] = Field(None, description="where models, bindings and finetunes live "
                                                    "(default: the platform's user data folder)")
     threads: Optional[int] = Field(None, ge=1, description="llama.cpp threads (default: the physical cores)")
-    n_ctx: Optional[int] = Field(None, ge=64, description="context tokens per model (default: the catalog's, 8192)")
+    n_ctx: Optional[int] = Field(None, ge=64, description="context tokens per model (default: the catalog's, 8192, "
+                                                          "or the largest that fits in memory)")
+    kv_type: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type: q8_0 halves its memory, "
+                                                    "q4_0 quarters it (see README: Memory)")
     verbose: bool = Field(False, description="show llama.cpp's own log")
     adapter_cache_mb: int = Field(1024, ge=1, description="LoRA adapters kept loaded per model (MiB)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank a finetune may have")

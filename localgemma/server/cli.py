@@ -35,6 +35,8 @@ def parse_model_flag(text: str) -> tuple[str, str]:
 @option("exact", "--exact")
 @option("max_body_mb", "--max-body-mb")
 @option("max_connections", "--max-connections")
+@option("n_ctx", "--n-ctx")
+@option("kv_type", "--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]))
 @option("cors_origins", "--cors-origin")
 @option("allowed_hosts", "--allowed-host")
 def serve(models, **flags):
@@ -47,6 +49,8 @@ def serve(models, **flags):
     try:
         settings = current(models=dict(parse_model_flag(m) for m in models) or None, **flags)
         app = create_app(settings)
+        for model in settings.served_models:  # refuse now what would not fit, not at the first request
+            app.state.runtime.plan(model)
     except LocalGemmaError as exc:
         raise click.UsageError(exc.message) from None
     if not settings.api_key and not _is_loopback(settings.host):

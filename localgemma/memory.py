@@ -1,0 +1,176 @@
+"""Will it fit? Memory for a model, estimated from its header before llama.cpp loads anything.
+
+    weights   the tensors' bytes (memory-mapped: every page is touched while decoding)
+    KV cache  per context: cells x layers x KV heads x (key + value length) x the cache type's
+              bytes per value (f16 2, q8_0 34/32, q4_0 18/32). llama.cpp pads cells to 256 and,
+              in this build, gives Gemma 3's sliding-window layers full-size caches too.
+    compute   per context: the logits of its sequences (n_vocab x 4 bytes each) and the
+              activations of one n_ubatch-token step, ping-ponged: n_ubatch x 4 x (2 n_ff +
+              4 n_embd) x 2. llama.cpp *reserves* more (a worst case of n_ubatch x n_vocab
+              floats: 514 MiB for Gemma 3's 262k vocabulary), but never touches most of it
+              for generation, where only the last token's logits are computed.
+    runtime   Python, llama.cpp and the server: 120 MiB.
+
+Calibrated on the embedded Gemma 3 270M (resident memory after a 1200-token prompt, one
+context): 2048 cells 413 MiB measured / 418 estimated; 8192: 527 / 526; 32768: 969 / 958.
+The Gemma 2B/7B rows of the catalog carry their shapes, so `localgemma info` answers "will the
+7B fit on my Pi?" before a 5 GB download.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import InsufficientMemory
+
+MiB = 2**20
+KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per cached value
+N_UBATCH = 512  # the engine's n_batch (= n_ubatch)
+RUNTIME_BYTES = 120 * MiB
+PAD = 256  # llama.cpp rounds a context's cells up to this
+MIN_CTX = 256
+DEFAULT_CTX = 8192
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on, from a GGUF header (or the catalog, for a model not here yet)."""
+
+    n_layer: int
+    n_head_kv: tuple[int, ...]  # per layer
+    key_length: int
+    value_length: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    weights: int  # bytes
+    n_ctx_train: int
+
+    def kv_per_cell(self, kv_type: str) -> float:
+        return sum(self.n_head_kv) * (self.key_length + self.value_length) * KV_TYPES[kv_type]
+
+
+@dataclass(frozen=True)
+class Context:
+    n_ctx: int
+    n_seq: int = 1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    kv: int
+    compute: int
+    runtime: int
+    kv_type: str
+    contexts: tuple[Context, ...]
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.runtime
+
+    def describe(self) -> str:
+        cells = " + ".join(f"{c.n_ctx}" for c in self.contexts)
+        return (f"{self.total / MiB:,.0f} MiB ({self.weights / MiB:,.0f} weights + {self.kv / MiB:,.0f} KV cache for "
+                f"{cells} tokens in {self.kv_type} + {self.compute / MiB:,.0f} compute + {self.runtime / MiB:,.0f} runtime)")
+
+    def to_dict(self) -> dict:
+        return {"total_mib": round(self.total / MiB), "weights_mib": round(self.weights / MiB),
+                "kv_mib": round(self.kv / MiB), "compute_mib": round(self.compute / MiB),
+                "kv_type": self.kv_type, "contexts": [c.n_ctx for c in self.contexts]}
+
+
+def shape_of(path: str | Path) -> Shape:
+    """The model's shape from its header (milliseconds; no array is parsed)."""
+    from .gguf_header import ArrayRef, read_array, read_header, tensor_nbytes
+
+    header = read_header(path)
+    n_layer = int(header.hparam("block_count") or 0)
+    n_head = header.hparam("attention.head_count") or 1
+    head_kv = header.hparam("attention.head_count_kv", n_head)
+    if isinstance(head_kv, ArrayRef):
+        head_kv = read_array(header, f"{header.arch}.attention.head_count_kv")
+    per_layer = tuple(int(h) for h in head_kv) if isinstance(head_kv, list) else (int(head_kv),) * n_layer
+    n_embd = int(header.hparam("embedding_length") or 0)
+    first_head = n_head if isinstance(n_head, int) else 1
+    head_dim = n_embd // max(first_head, 1)
+    n_ff = header.hparam("feed_forward_length") or 0
+    if isinstance(n_ff, ArrayRef):
+        n_ff = max(read_array(header, f"{header.arch}.feed_forward_length"))
+    tokens = header.get("tokenizer.ggml.tokens")
+    n_vocab = tokens.length if isinstance(tokens, ArrayRef) else 0
+    weights = 0
+    for t in header.tensors.values():
+        try:
+            weights += tensor_nbytes(t)
+        except ValueError:
+            pass  # an unknown type: check_model refuses the file elsewhere
+    return Shape(n_layer=n_layer, n_head_kv=per_layer,
+                 key_length=int(header.hparam("attention.key_length") or head_dim),
+                 value_length=int(header.hparam("attention.value_length") or head_dim),
+                 n_embd=n_embd, n_ff=int(n_ff), n_vocab=n_vocab, weights=weights,
+                 n_ctx_train=int(header.hparam("context_length") or 0))
+
+
+def estimate(shape: Shape, contexts: Sequence[Context], kv_type: str = "f16", n_ubatch: int = N_UBATCH) -> Estimate:
+    contexts = tuple(Context(_pad(c.n_ctx), c.n_seq) for c in contexts)
+    kv = sum(c.n_ctx for c in contexts) * shape.kv_per_cell(kv_type)
+    step = n_ubatch * 4 * (2 * shape.n_ff + 4 * shape.n_embd) * 2
+    compute = sum(c.n_seq * shape.n_vocab * 4 + step for c in contexts)
+    return Estimate(shape.weights, math.ceil(kv), compute, RUNTIME_BYTES, kv_type, contexts)
+
+
+def _pad(n_ctx: int) -> int:
+    return -(-n_ctx // PAD) * PAD
+
+
+def largest_context(shape: Shape, budget: int, kv_type: str, others: Sequence[Context] = ()) -> int:
+    """The most cells (a multiple of 256) the first context can have within `budget` bytes,
+    `others` included; 0 when not even 256 fit."""
+    fixed = estimate(shape, [Context(0), *others], kv_type)
+    room = budget - fixed.total
+    cells = int(room // shape.kv_per_cell(kv_type)) // PAD * PAD if room > 0 else 0
+    return cells if cells >= MIN_CTX else 0
+
+
+def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], kv_type: str = "f16",
+        others: Sequence[Context] = (), available: Optional[int] = None,
+        advice: Sequence[str] = (), shape: Optional[Shape] = None) -> tuple[int, Optional[str]]:
+    """The context to load `path` with, and a note when it is not the one asked for.
+
+    `n_ctx` given: it must fit, or InsufficientMemory names the numbers and what would fit.
+    `n_ctx` None: `default_ctx` (None: the model's training context, at most 8192) when it
+    fits, else the largest context that does (the note says so). `others`: further contexts the same model will get (a server's batch context).
+    `advice`: extra ways out the caller offers (e.g. "--batch-ctx 1024"). `shape`: known
+    already (else read from the header)."""
+    from . import system
+
+    shape = shape or shape_of(path)
+    want = n_ctx or default_ctx or min(shape.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
+    available = system.available_memory() if available is None else available
+    if available is None:  # the OS will not say: trust the user
+        return want, None
+    need = estimate(shape, [Context(want), *others], kv_type)
+    if need.total <= available:
+        return want, None
+    largest = largest_context(shape, available, kv_type, others)
+    name = Path(path).name
+    if n_ctx is None and largest:
+        return largest, (f"{name}: a context of {want} tokens would need {need.describe()}, and "
+                         f"{available / MiB:,.0f} MiB is available: using {largest} tokens (set --n-ctx / LOCALGEMMA_N_CTX, or --kv-type q8_0 "
+                         "to fit more)")
+    options = []
+    if largest:
+        options.append(f"a context of {largest} tokens (--n-ctx {largest})")
+    for other in ("q8_0", "q4_0"):
+        if KV_TYPES[other] < KV_TYPES[kv_type] and estimate(shape, [Context(want), *others], other).total <= available:
+            options.append(f"--kv-type {other} (the {want} tokens fit)")
+    options += list(advice)
+    way_out = ("; what would fit: " + "; or ".join(options)) if options else \
+        ("; nothing would: even its weights and a context of 256 tokens need more. Free memory, or use a smaller "
+         "model or quantization")
+    raise InsufficientMemory(f"{name} with a context of {want} tokens needs {need.describe()}, but only "
+                             f"{available / MiB:,.0f} MiB of memory is available{way_out}")
