@@ -188,6 +188,14 @@ class MethodNotAllowed(LocalGemmaError):
     status = 405
 
 
+class NotOffered(LocalGemmaError):
+    """An Ollama endpoint with no equivalent over HTTP here (pull, create, embed, ...): the
+    message names the localgemma command that does it, or says it is not offered."""
+
+    code = 7000
+    status = 501
+
+
 class InternalError(LocalGemmaError):
     """A bug: the message says so, the log has the traceback."""
 
@@ -202,5 +210,5 @@ ERRORS: tuple[type[LocalGemmaError], ...] = (
     UnknownFinetune, AdapterGone, FinetuneExists, FinetuneIncomplete, ConversionError, AdapterMismatch,
     OverLimit, RemoteError,
     Unauthorized, Forbidden, QueueFull, TooManyConnections, BodyTooLarge, RequestTimeout, Aborted, NoRoute, MethodNotAllowed,
-    InternalError,
+    NotOffered, InternalError,
 )

@@ -5,7 +5,8 @@ field names mixed with junk: wrong types, NaN-ish strings, huge and negative num
 nesting, odd content types and methods, unknown paths. Every answer must be below 500, on a
 connection that stays usable; a foreign Origin on a request that acts, or a Host the server
 does not answer to, is always 403; every Workers AI answer must be Cloudflare's envelope (or its
-SSE stream); every /v1 error OpenAI's shape; and the server must be healthy afterwards.
+SSE stream); every /v1 error OpenAI's shape; every /api answer Ollama's (`{"error": str}`, or NDJSON
+lines ending in a done or an error object); and the server must be healthy afterwards.
 
 The default run (1000 requests) takes about a minute. LOCALGEMMA_FUZZ_EXAMPLES=20000 runs more;
 the counts are printed at the end (pytest -s shows them).
@@ -33,6 +34,14 @@ FIELDS = ["prompt", "messages", "raw", "stream", "max_tokens", "temperature", "t
           "max_completion_tokens", "stream_options", "name", "description", "public", "role", "content",
           "type", "json_schema", "function", "parameters", "properties", "required", "enum", "anyOf",
           "maxLength", "minimum", "pattern", "items", "file_name"]
+OLLAMA_FIELDS = ["model", "prompt", "messages", "system", "raw", "stream", "format", "options", "think", "keep_alive",
+                 "images", "suffix", "template", "context", "tools", "logprobs", "top_logprobs", "truncate", "shift"]
+OLLAMA_OPTIONS = ["num_predict", "temperature", "top_k", "top_p", "seed", "repeat_penalty", "presence_penalty",
+                  "frequency_penalty", "stop", "min_p", "typical_p", "mirostat", "repeat_last_n", "penalize_newline",
+                  "num_ctx", "num_thread", "use_mmap", "tfs_z", "mirostat_eta"]
+OLLAMA_MODELS = ["gemma-2b-it-lora", "gemma-2b-it-lora:latest", f"{TWO_B}:latest", "gemma-3-270m",
+                 "gemma-2b-it-lora:nope", "gemma-7b-it-lora", "nope", "", "a:b:c", "x" * 300]
+NOT_OFFERED = {"/api/pull", "/api/delete", "/api/embed"}
 MODELS = [TWO_B, "@cf/google/gemma-7b-it-lora", "@localgemma/google/gemma-3-270m", "nope", "../../etc/passwd",
           f"{TWO_B}:nope", "", "%00", "a" * 300]
 
@@ -73,6 +82,13 @@ VALID = {  # per API: a request that generates a token or two
              {"model": TWO_B, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}],
     "completions": [{"model": TWO_B, "prompt": "Hi", "max_tokens": 2, "stream": True},
                     {"model": TWO_B, "prompt": "Hi", "max_tokens": 1}],
+    "ollama_generate": [{"model": "gemma-2b-it-lora", "prompt": "Hi", "options": {"num_predict": 2}},
+                        {"model": "gemma-2b-it-lora", "prompt": "Hi", "raw": True, "stream": False,
+                         "options": {"num_predict": 1}}],
+    "ollama_chat": [{"model": "gemma-2b-it-lora:latest", "messages": [{"role": "user", "content": "Hi"}],
+                     "options": {"num_predict": 2}, "stream": False},
+                    {"model": "gemma-2b-it-lora", "messages": [{"role": "user", "content": "Hi"}],
+                     "options": {"num_predict": 2}}],
 }
 
 
@@ -87,10 +103,22 @@ IN_RANGE = {  # the contract's edges, all valid: these requests generate
 
 def near_valid(api: str):
     """A request that would generate, with a few contract fields set to edge or junk values."""
+    if api.startswith("ollama"):
+        return near_valid_ollama(api)
     valid = st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in IN_RANGE.items()})
     junk = st.dictionaries(st.sampled_from(FIELDS[2:24]), EDGES, max_size=3)
     return st.builds(lambda base, extra: json.dumps({**base, **extra}), st.sampled_from(VALID[api]),
                      st.one_of(valid, valid, junk))
+
+
+def near_valid_ollama(api: str):
+    """An Ollama request that would generate, with options (or top-level fields, or the model
+    name) set to edge or junk values."""
+    options = st.dictionaries(st.sampled_from(OLLAMA_OPTIONS), EDGES, max_size=3)
+    extra = st.one_of(st.just({}), st.dictionaries(st.sampled_from(OLLAMA_FIELDS), EDGES, max_size=2),
+                      st.fixed_dictionaries({"model": st.sampled_from(OLLAMA_MODELS)}))
+    return st.builds(lambda base, opts, more: json.dumps({**base, "options": {**base["options"], **opts}, **more}),
+                     st.sampled_from(VALID[api]), options, extra)
 
 
 def bodies(api: str):
@@ -116,6 +144,9 @@ ROUTES = [
     ("POST", "/v1/chat/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"), ("GET", "/health"), ("PUT", "/v1/chat/completions"), ("GET", "/{name}"),
+    ("POST", "/api/generate"), ("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/chat"),
+    ("GET", "/api/tags"), ("POST", "/api/show"), ("GET", "/api/ps"), ("GET", "/api/version"), ("POST", "/api/pull"),
+    ("DELETE", "/api/delete"), ("POST", "/api/embed"), ("GET", "/api/{name}"),
 ]
 
 
@@ -131,9 +162,21 @@ def srv(tmp_path_factory, embedded_gguf):
 
 def check(r: httpx.Response) -> str:
     route = r.request.url.path  # as sent: httpx resolves "../" itself
-    assert r.status_code < 500, (route, r.status_code, r.text[:500])
+    # 501 only where it is the answer by design: Ollama endpoints with no equivalent here
+    assert r.status_code < 500 or (r.status_code == 501 and route in NOT_OFFERED), (route, r.status_code, r.text[:500])
     kind = r.headers.get("content-type", "")
-    if route.startswith("/client/v4") and "text/event-stream" in kind:
+    if route.startswith("/api/") and "application/x-ndjson" in kind:
+        lines = r.text.split("\n")
+        assert lines[-1] == "" and all(lines[:-1]), r.text[-300:]  # one object per line, no blank lines
+        objects = [json.loads(x) for x in lines[:-1]]
+        assert objects[-1].get("done") is True or set(objects[-1]) == {"error"}, objects[-1]
+        assert all(o.get("done") is False for o in objects[:-1]), r.text[-300:]
+    elif route.startswith("/api/") and r.status_code >= 400:
+        body = r.json()
+        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body  # Ollama's shape
+    elif route.startswith("/api/"):
+        assert isinstance(r.json(), dict) or r.request.method == "HEAD", r.text[:300]
+    elif route.startswith("/client/v4") and "text/event-stream" in kind:
         events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
         assert events and (events[-1] == "[DONE]" or "errors" in events[-1]), r.text[-300:]
         for data in events[:-1]:
@@ -167,6 +210,8 @@ def test_hostile_requests_never_5xx_or_drop_the_connection(srv):
     def one(route, data, model, name, content_type, origin, host):
         method, template = route
         api = "chat" if "chat" in template else "completions" if "completions" in template else "workers"
+        if template.startswith("/api/"):
+            api = "ollama_chat" if "chat" in template else "ollama_generate"
         body = data.draw(bodies(api))
         path = template.format(model=model, name=name)
         headers = {"Content-Type": content_type} if content_type else {}

@@ -143,7 +143,10 @@ def test_the_cli_refuses_in_one_line(bound, tiny_memory):
 def test_serve_refuses_at_start_not_at_the_first_request(tiny_memory, fake_gguf):
     from localgemma.server.cli import serve
 
-    result = CliRunner().invoke(serve, ["--model", f"{TWO_B}={fake_gguf}", "--n-ctx", "8192"])
+    try:
+        result = CliRunner().invoke(serve, ["--model", f"{TWO_B}={fake_gguf}", "--n-ctx", "8192"])
+    finally:
+        models.unbind(TWO_B)  # --model binds for the process
     assert result.exit_code == 2 and f"only {tiny_memory / MiB:,.0f} MiB of memory is available" in result.output
 
 

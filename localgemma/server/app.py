@@ -21,7 +21,7 @@ from localgemma import __version__
 from localgemma.runtime import Runtime
 from localgemma.settings import Settings
 
-from . import errors, openai_shim, playground, responses, workers_ai
+from . import errors, ollama, openai_shim, playground, responses, workers_ai
 from .middleware import BearerAuth, BodyLimit, BrowserGuard, Guard
 from .queue import Scheduler
 
@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
         bind(model_id, path, persist=False)  # this process only; refuses a missing or non-GGUF file
     app = FastAPI(title="localgemma", version=__version__, lifespan=_lifespan, redirect_slashes=False,
                   docs_url=None, redoc_url=None,  # playground.py serves them with assets from a package
-                  description="Workers AI's LoRA Gemma models, served locally; and an OpenAI-style shim.")
+                  description="Workers AI's LoRA Gemma models, served locally; and OpenAI-style and Ollama APIs.")
     app.state.settings = settings
     app.state.runtime = runtime = Runtime(settings, exact=settings.exact)
     app.state.scheduler = Scheduler(runtime, settings.max_queue, slots=1 if settings.exact else settings.parallel)
@@ -94,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(workers_ai.make_router())
     app.include_router(openai_shim.make_router())
     app.include_router(responses.make_router())
+    app.include_router(ollama.make_router())
     app.add_api_route("/health", health, methods=["GET"], tags=["Operations"])
     playground.install(app)
     if settings.server_debug:

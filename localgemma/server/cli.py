@@ -59,7 +59,9 @@ def serve(models, **flags):
     base = f"http://{settings.host}:{settings.port}"
     click.echo(f"localgemma: serving {', '.join(settings.served_models)} (loading; {base}/health says when ready)\n"
                f"  Workers AI: {base}/client/v4/accounts/local/ai/run/{settings.served_models[0]}\n"
-               f"  OpenAI:     {base}/v1", err=True)
+               f"  OpenAI:     {base}/v1\n"
+               f"  Ollama:     {base}/api (OLLAMA_HOST={settings.host}:{settings.port})\n"
+               f"  Playground: {base}/", err=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5,
                 http=guarded_protocol(settings.header_timeout, settings.max_connections))
 

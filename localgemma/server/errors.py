@@ -1,8 +1,8 @@
 """Errors on the wire. Every failure is a `LocalGemmaError` from localgemma.errors (the one
 table: Cloudflare code, HTTP status, OpenAI type); this module only renders one in the shape
-of the surface the request came in on: Workers AI's envelope, or OpenAI's `{"error": {...}}`
-under /v1 -- and maps what only HTTP has (FastAPI's validation errors, unknown routes) onto
-that table.
+of the surface the request came in on: Workers AI's envelope, OpenAI's `{"error": {...}}`
+under /v1, or Ollama's `{"error": "..."}` under /api -- and maps what only HTTP has (FastAPI's
+validation errors, unknown routes) onto that table.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from localgemma.errors import (IncompleteRequest, InvalidInput, LocalGemmaError,
                                NoRoute)
 
 OPENAI_PREFIX = "/v1"
+OLLAMA_PREFIX = "/api"
 
 
 class Carried(HTTPException):
@@ -37,6 +38,11 @@ def is_openai(scope: Scope) -> bool:
     return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
 
 
+def is_ollama(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    return path == OLLAMA_PREFIX or path.startswith(OLLAMA_PREFIX + "/")
+
+
 def render(scope: Scope, exc: LocalGemmaError) -> JSONResponse:
     """The error in the shape of the surface `scope` belongs to."""
     exc.message = public_text(exc.message)
@@ -45,6 +51,8 @@ def render(scope: Scope, exc: LocalGemmaError) -> JSONResponse:
     headers = {"x-should-retry": "true" if exc.status in (429, 503) else "false"}
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if is_ollama(scope):  # Ollama answers an unknown model with 404, as OpenAI does
+        return JSONResponse({"error": exc.message}, status_code=exc.openai_status or exc.status, headers=headers)
     if not is_openai(scope):
         return JSONResponse(envelope_body(exc), status_code=exc.status, headers=headers)
     return JSONResponse(openai_body(exc), status_code=exc.openai_status or exc.status, headers=headers)
