@@ -256,7 +256,10 @@ def info(as_json):
     estimates = {}
     for model_id, spec in CATALOG.items():  # a file here: its own header; else the catalog's shape
         path = local_path(model_id)
-        shape = memory.shape_of(path) if path else spec.shape
+        try:
+            shape = memory.shape_of(path) if path else spec.shape
+        except LocalGemmaError:  # a damaged file: `run` names what is wrong; here, the catalog's numbers
+            shape = spec.shape
         if shape is None:
             continue
         n_ctx = settings.n_ctx or spec.n_ctx

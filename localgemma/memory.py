@@ -84,10 +84,12 @@ class Estimate:
 
 
 def shape_of(path: str | Path) -> Shape:
-    """The model's shape from its header (milliseconds; no array is parsed)."""
-    from .gguf_header import ArrayRef, read_array, read_header, tensor_nbytes
+    """The model's shape from its header (milliseconds; no array is parsed). A header whose
+    numbers llama.cpp would crash on is refused first (BadGGUF names the number): an estimate
+    from `block_count 100000` would only blame memory for a broken file."""
+    from .gguf_header import ArrayRef, check_model, read_array, read_header, tensor_nbytes
 
-    header = read_header(path)
+    header = check_model(read_header(path))
     n_layer = int(header.hparam("block_count") or 0)
     n_head = header.hparam("attention.head_count") or 1
     head_kv = header.hparam("attention.head_count_kv", n_head)
