@@ -41,12 +41,21 @@ $(STAMP): pyproject.toml setup.py $(WHEELHOUSE)/.built
 	$(BIN)/python -m pip install --quiet -e '.[server,test,clients]'
 	touch $(STAMP)
 
-# The main job: a real request to the embedded Gemma 3 270M, streamed as it generates.
+# The main job: per-request LoRA on the embedded Gemma 3 270M. A raw completion streamed as it
+# generates; then the example adapter (examples/, a PEFT folder as `save_pretrained` writes it)
+# is registered (once: --exist-ok) and one question is asked without and with it.
+EXAMPLE_ADAPTER := examples/adapters/gemma-3-270m-pirate
+DEMO := Question: What is the capital of Japan?\nAnswer:
 run: $(STAMP)
 	$(BIN)/localgemma run --stream --temperature 0 --max-tokens 48 \
 		--raw "The three most important inventions of the twentieth century are"
-	$(BIN)/localgemma run --json --seed 42 --max-tokens 32 \
-		"Explain quantum entanglement in one sentence."
+	@echo
+	$(BIN)/localgemma finetune create --exist-ok --description "answers like a pirate (examples/)" \
+		@localgemma/google/gemma-3-270m pirate $(EXAMPLE_ADAPTER)
+	@printf '\n--- without the adapter ---\n'
+	$(BIN)/localgemma run --raw --temperature 0 --max-tokens 40 "$$(printf '$(DEMO)')"
+	@printf '\n--- with --lora pirate ---\n'
+	$(BIN)/localgemma run --raw --temperature 0 --max-tokens 40 --lora pirate "$$(printf '$(DEMO)')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -58,6 +67,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_peer.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -304,11 +304,13 @@ def finetune() -> None:
 @click.argument("name")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--description", default="", help="Free text stored with the finetune.")
-def finetune_create(model, name, folder, description):
+@click.option("--exist-ok", is_flag=True,
+              help="If NAME already exists for MODEL from the same files, print its id instead of failing.")
+def finetune_create(model, name, folder, description, exist_ok):
     """Validate and convert the PEFT adapter in FOLDER for MODEL; prints the new id."""
     from . import finetunes
 
-    entry = finetunes.create(model, name, folder, description)
+    entry = finetunes.create(model, name, folder, description, exist_ok=exist_ok)
     for note in entry.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(entry.id)

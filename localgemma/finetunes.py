@@ -203,15 +203,22 @@ def _scale(text: str, part: str) -> float:
 # -- writing -----------------------------------------------------------------------------------
 
 def create(model: Optional[str], name: str, folder: str | os.PathLike, description: str = "", *,
-           public: bool = False, max_rank: Optional[int] = None, max_bytes: Optional[int] = None) -> Finetune:
+           public: bool = False, max_rank: Optional[int] = None, max_bytes: Optional[int] = None,
+           exist_ok: bool = False) -> Finetune:
     """Validate and convert a PEFT folder, then register it (all or nothing). The limits
-    default to the settings' max_lora_rank and max_lora_mb."""
+    default to the settings' max_lora_rank and max_lora_mb. `exist_ok`: a ready finetune of
+    that name and model made from byte-identical files is returned as it is (a script can
+    run the same create twice); one made from other files is still refused."""
     max_rank, max_bytes = _limits(max_rank, max_bytes)
     model = normalize_model(model)
     check_name(name)
     source = Path(folder)
     if not source.is_dir():
         raise ConversionError(f"{source} is not a folder; give the folder holding {' and '.join(REQUIRED_FILES)}")
+    if exist_ok:
+        same = _registered_from(model, name, source)
+        if same is not None:
+            return same
     with _staging() as stage:
         entry = _replace(_new_entry(model, name, description, public), version=_version_name())
         files = stage / entry.version
@@ -221,6 +228,35 @@ def create(model: Optional[str], name: str, folder: str | os.PathLike, descripti
         for file_name in REQUIRED_FILES:  # kept: nothing the user gave is lost
             shutil.copyfile(source / file_name, files / file_name)
         return _commit(entry, stage)
+
+
+def _registered_from(model: str, name: str, source: Path) -> Optional[Finetune]:
+    """The ready finetune `name` of `model` when its stored PEFT files equal those in `source`;
+    None when there is no such name; FinetuneExists when the name holds other files."""
+    entry = next((e for e in list_finetunes(model) if e.name == name), None)
+    if entry is None:
+        return None
+    stored = entry.files_dir
+    same = entry.status == "ready" and stored is not None and all(
+        (source / f).is_file() and (stored / f).is_file() and _same_bytes(source / f, stored / f)
+        for f in REQUIRED_FILES)
+    if not same:
+        raise FinetuneExists(f"name: a finetune named {name!r} already exists for {model} (id {entry.id}) "
+                             f"from other files than those in {source}; delete it first "
+                             f"(localgemma finetune delete {entry.id}) or choose another name")
+    return entry
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as x, open(b, "rb") as y:
+        while True:
+            left, right = x.read(1 << 20), y.read(1 << 20)
+            if left != right:
+                return False
+            if not left:
+                return True
 
 
 def create_pending(model: Optional[str], name: str, description: str = "", public: bool = False) -> Finetune:

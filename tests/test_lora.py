@@ -308,6 +308,15 @@ def test_finetune_cli(registered, peft_dirs, home):
     assert used.output.strip() == answer(lora="style-b").strip()
     again = cli.invoke(main, ["finetune", "create", "@localgemma/google/gemma-3-270m", "via-cli", str(peft_dirs["b"])])
     assert again.exit_code == 1 and again.output.startswith("Error: name: a finetune named 'via-cli' already exists")
+    # --exist-ok: the same files again give the same id (make run registers its example this way)
+    same = cli.invoke(main, ["finetune", "create", "@localgemma/google/gemma-3-270m", "via-cli", str(peft_dirs["b"]),
+                             "--exist-ok"])
+    assert same.exit_code == 0 and same.output.strip() == new_id, same.output
+    before = snapshot(home)
+    other = cli.invoke(main, ["finetune", "create", "@localgemma/google/gemma-3-270m", "via-cli", str(peft_dirs["a"]),
+                              "--exist-ok"])
+    assert other.exit_code == 1 and "from other files than those in" in other.output and new_id in other.output
+    assert snapshot(home) == before
     assert cli.invoke(main, ["finetune", "delete", new_id]).output == f"deleted via-cli ({new_id})\n"
     missing = cli.invoke(main, ["finetune", "show", "via-cli"])
     assert missing.exit_code == 1 and "Finetune via-cli not found" in missing.output
