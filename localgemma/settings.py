@@ -8,6 +8,7 @@ server builds one from its flags (flags win over variables, variables over defau
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
@@ -82,10 +83,29 @@ class Settings(BaseSettings):
         return list(self.models) or [EMBEDDED_ID]
 
 
+_BUILT: dict[tuple, Settings] = {}
+
+
 def current(**overrides: Any) -> Settings:
-    """The settings now: overrides (e.g. CLI flags given), else the environment, else defaults."""
+    """The settings now: overrides (e.g. CLI flags given), else the environment, else defaults.
+    Building a Settings reads and validates every field (about 5 ms) and a request asks several
+    times, so one is kept per (overrides, LOCALGEMMA_* variables): a changed variable still
+    takes effect at the next call, and Settings is frozen, so sharing it is safe."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    key = (repr(sorted(given.items())),
+           tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("LOCALGEMMA_"))))
+    built = _BUILT.get(key)
+    if built is None:
+        built = _build(given)
+        if len(_BUILT) >= 64:
+            _BUILT.clear()
+        _BUILT[key] = built
+    return built
+
+
+def _build(given: dict[str, Any]) -> Settings:
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
