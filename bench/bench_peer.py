@@ -25,8 +25,6 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import DECODE_PROMPT, N_DECODE, ROUNDS, row, setup  # noqa: E402
-from bench_server import MODEL_ID, start_server  # noqa: E402
+from bench_server import MODEL_ID, free_port, start_server, wait_ready  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
 PARALLEL = max(LEVELS)
@@ -88,27 +86,12 @@ def _pct(values: list[float], q: int) -> float:
 
 
 def _start_llama_server(binary: str, path: str, threads: int) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([binary, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
                              "-tb", str(threads), "-c", str(KV_CELLS), "-np", str(PARALLEL), "--kv-unified",
                              "-b", "512", "-ub", "512", "--no-webui", "--alias", "model"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}; run it by hand to see why")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.05)
-    proc.terminate()
-    raise RuntimeError("llama-server did not become ready within 120 s")
+    return wait_ready(proc, port, "llama-server")
 
 
 def _load(port: int, model: str, n: int) -> tuple[float, list[float], float]:

@@ -48,19 +48,28 @@ def server_bench(path: str, threads: int) -> None:
         higher_is_better=False)
 
 
-def start_server(path: str, threads: int, flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
-    """A `localgemma serve` process for `path` on a free loopback port, once /health says ready."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(path: str, threads: int, flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """A `localgemma serve` process for `path` on a free loopback port, once /health says ready."""
+    port = free_port()
     env = {**os.environ, "LOCALGEMMA_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "localgemma.server", "--port", str(port),
                              "--model", f"{MODEL_ID}={path}", *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_ready(proc, port, "the server")
+
+
+def wait_ready(proc: subprocess.Popen, port: int, name: str) -> tuple[subprocess.Popen, int]:
+    """(proc, port) once GET /health answers 200; RuntimeError if `name` exits or takes 120 s."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; run it by hand to see why")
+            raise RuntimeError(f"{name} exited with {proc.returncode}; run it by hand to see why")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/health")
@@ -70,7 +79,7 @@ def start_server(path: str, threads: int, flags: tuple[str, ...] = ()) -> tuple[
             pass
         time.sleep(0.05)
     proc.terminate()
-    raise RuntimeError("the server did not become ready within 120 s")
+    raise RuntimeError(f"{name} did not become ready within 120 s")
 
 
 def _http_stream(port: int) -> tuple[float, float]:
