@@ -15,6 +15,24 @@ TWO_B, SEVEN_B = "@cf/google/gemma-2b-it-lora", "@cf/google/gemma-7b-it-lora"
 N_CTX = 256  # llama.cpp pads a context to a multiple of 256: ask for what we get
 
 
+def home_with_model(home: Path, gguf: Path) -> Path:
+    """A LOCALGEMMA_HOME whose models/ holds `gguf` (a symlink: nothing is copied)."""
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    os.symlink(gguf, home / "models" / gguf.name)
+    return home
+
+
+def wait_for(predicate, timeout: float = 10, what: str = "condition", every: float = 0.02):
+    """`predicate()`'s first truthy value, polled every `every` s; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what} not reached in {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

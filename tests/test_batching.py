@@ -15,6 +15,7 @@ from localgemma.engine import Engine
 from localgemma.generation import AdapterRef, GenerationRequest
 from localgemma.sampling import SamplingParams
 from peft_util import make_peft_adapter
+from servers import home_with_model
 
 pytestmark = pytest.mark.e2e
 
@@ -49,8 +50,7 @@ def batcher(engine):
 def adapter_refs(tmp_path_factory, embedded_gguf):
     """Two converted adapters with distinctive answers, registered in a home of their own."""
     home = tmp_path_factory.mktemp("batch-home")
-    (home / "models").mkdir()
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     old, os.environ["LOCALGEMMA_HOME"] = os.environ["LOCALGEMMA_HOME"], str(home)
     try:
         root = tmp_path_factory.mktemp("batch-peft")

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from peft_util import make_peft_adapter
-from servers import TWO_B, Server, free_port
+from servers import TWO_B, Server, free_port, home_with_model, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -53,21 +53,15 @@ def browser(width: int = 1400, height: int = 1000):
     return webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
 
 
-def wait(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached in {timeout} s")
+def wait(predicate, what: str = "condition"):
+    """A condition on the page: a browser round trip is slower than the API's, so a minute."""
+    return wait_for(predicate, timeout=60, what=what, every=0.05)
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, embedded_gguf):
     home = tmp_path_factory.mktemp("browser-home")
-    (home / "models").mkdir()
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     return home
 
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 from pydantic import BaseModel, Field
-from servers import TWO_B, Server
+from servers import TWO_B, Server, home_with_model
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +37,7 @@ class Person(BaseModel):
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, embedded_gguf):
     home = tmp_path_factory.mktemp("clients-home")
-    (home / "models").mkdir()
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     server = Server(home, "--model", f"{TWO_B}={embedded_gguf}")
     server.home = home
     yield server

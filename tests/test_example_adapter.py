@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from servers import home_with_model
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "adapters" / "gemma-3-270m-pirate"
 
@@ -29,8 +31,7 @@ def test_example_is_what_peft_writes():
 def test_make_run_shows_the_adapter_change_the_answer(tmp_path, embedded_gguf):
     """`make run` as a newcomer runs it (twice: the second finds the adapter registered)."""
     home = tmp_path / "home"
-    (home / "models").mkdir(parents=True)
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     env = {**os.environ, "LOCALGEMMA_HOME": str(home)}
     # -o: the venv is this one, already set up; BIN: its scripts
     command = ["make", "-s", "-o", ".venv/.installed", "run", f"BIN={Path(sys.executable).parent}"]

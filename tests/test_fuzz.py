@@ -23,7 +23,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from servers import TWO_B, Server
+from servers import TWO_B, Server, home_with_model
 
 pytestmark = pytest.mark.e2e
 
@@ -153,8 +153,7 @@ ROUTES = [
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, embedded_gguf):
     home = tmp_path_factory.mktemp("fuzz-home")
-    (home / "models").mkdir()
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     server = Server(home, "--model", f"{TWO_B}={embedded_gguf}", "--max-queue", "64")
     yield server
     server.stop()

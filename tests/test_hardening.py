@@ -22,7 +22,7 @@ import httpx
 import pytest
 from hostile import patched
 from peft_util import make_peft_adapter
-from servers import TWO_B, Server
+from servers import TWO_B, Server, home_with_model
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +37,7 @@ TOOL = {"type": "function", "function": {"name": "pick", "description": "pick a 
 def srv(tmp_path_factory, embedded_gguf):
     """A batched server (the default) with short body/head timeouts and a small connection cap."""
     home = tmp_path_factory.mktemp("hardening-home")
-    (home / "models").mkdir()
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     server = Server(home, "--model", f"{TWO_B}={embedded_gguf}", "--max-connections", "40",
                     env={"LOCALGEMMA_HEADER_TIMEOUT": "1", "LOCALGEMMA_BODY_TIMEOUT": "1"})
     server.home = home

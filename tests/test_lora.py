@@ -17,6 +17,7 @@ from localgemma.errors import AdapterMismatch, ConversionError, InvalidInput
 from localgemma.generation import AdapterRef, GenerationRequest
 from localgemma.sampling import SamplingParams
 from peft_util import make_peft_adapter
+from servers import home_with_model
 
 pytestmark = pytest.mark.e2e
 
@@ -29,8 +30,7 @@ def home(tmp_path_factory, embedded_gguf):
     """One registry for the module, beside the session's embedded model."""
     home = tmp_path_factory.mktemp("lora-home")
     old = os.environ["LOCALGEMMA_HOME"]
-    (home / "models").mkdir()
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     os.environ["LOCALGEMMA_HOME"] = str(home)
     yield home
     os.environ["LOCALGEMMA_HOME"] = old

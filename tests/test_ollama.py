@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import time
 from datetime import datetime
@@ -17,7 +16,7 @@ from datetime import datetime
 import httpx
 import pytest
 from pydantic import BaseModel, Field
-from servers import N_CTX, TWO_B, Server
+from servers import N_CTX, TWO_B, Server, home_with_model, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -52,8 +51,7 @@ class Person(BaseModel):
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, embedded_gguf):
     home = tmp_path_factory.mktemp("ollama-home")
-    (home / "models").mkdir()
-    os.symlink(embedded_gguf, home / "models" / embedded_gguf.name)
+    home_with_model(home, embedded_gguf)
     server = Server(home, "--model", f"{TWO_B}={embedded_gguf}")
     yield server
     server.stop()
@@ -294,15 +292,6 @@ def close(conn: http.client.HTTPConnection) -> float:
     conn.close()
     return time.monotonic()  # CLOCK_MONOTONIC is system-wide: comparable with the server's
 
-
-def wait_for(predicate, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(srv):

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from servers import N_CTX, SEVEN_B, TWO_B, Server
+from servers import N_CTX, SEVEN_B, TWO_B, Server, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -321,15 +321,6 @@ class Stream:
         self.conn.close()
         return time.monotonic()  # CLOCK_MONOTONIC is system-wide: comparable with the server's
 
-
-def wait_for(predicate, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 def test_queue_full_is_429_at_once(guarded):

@@ -718,30 +718,24 @@ async def _loaded(request: Request, reply: Reply, target: Target) -> JSONRespons
 
 async def generate(request: Request) -> Response:
     """Ollama's /api/generate: a prompt (templated, or raw) -> text."""
-    timer = Timer(time.monotonic())
-    req: GenerateRequest = await _body(request, GenerateRequest)
-    target = await _target(req.model)
-    _refuse_common(req, req.model)
-    fields = generate_fields(req, target)
-    options = translate_options(req.options)
-    reply = Reply("generate", req.model, bool(req.logprobs))
-    if not req.prompt:
-        return await _loaded(request, reply, target)
-    inputs = _parse(fields, options)
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return await _answer(request, reply, target, inputs, options, logprobs, req.stream is not False, timer)
+    return await _generation(request, "generate", GenerateRequest, generate_fields, lambda req: req.prompt)
 
 
 async def chat(request: Request) -> Response:
     """Ollama's /api/chat: messages (and tools) -> an assistant message."""
+    return await _generation(request, "chat", ChatRequest, chat_fields, lambda req: req.messages)
+
+
+async def _generation(request: Request, kind: str, model: type, to_fields, given) -> Response:
+    """Both doors: parse, pick the target, translate; no prompt or messages only loads the model."""
     timer = Timer(time.monotonic())
-    req: ChatRequest = await _body(request, ChatRequest)
+    req = await _body(request, model)
     target = await _target(req.model)
     _refuse_common(req, req.model)
-    fields = chat_fields(req, target)
+    fields = to_fields(req, target)
     options = translate_options(req.options)
-    reply = Reply("chat", req.model, bool(req.logprobs))
-    if not req.messages:
+    reply = Reply(kind, req.model, bool(req.logprobs))
+    if not given(req):
         return await _loaded(request, reply, target)
     inputs = _parse(fields, options)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
