@@ -129,6 +129,34 @@ class ChainSampler:
         self._free(self.chain)
 
 
+class GreedySampler:
+    """Greedy with nothing before it: the first highest logit, read straight from the row.
+
+    The same token as llama.cpp's greedy sampler (which also keeps the first of equal
+    maxima), without what `llama_sampler_sample` does first on every call: allocate and fill
+    a candidate array the size of the vocabulary (~0.7 ms per token on Gemma's 262k entries,
+    more under load; numpy's argmax over the row takes ~0.03 ms)."""
+
+    def __init__(self, n_vocab: int):
+        import ctypes
+
+        import llama_cpp
+
+        self._row = ctypes.POINTER(ctypes.c_float * n_vocab)
+        self._logits, self._cast = llama_cpp.llama_get_logits_ith, ctypes.cast
+
+    def sample(self, ctx, idx: int = -1) -> int:
+        import numpy as np
+
+        row = self._logits(ctx, idx)
+        if not row:
+            raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
+        return int(np.frombuffer(self._cast(row, self._row).contents, np.float32).argmax())
+
+    def free(self) -> None:
+        pass
+
+
 def make_sampler(params: SamplingParams, vocab, n_vocab: int, n_ctx: int):
     """The sampler for these parameters, ready to `sample(ctx, row)`; `free()` it after."""
     return realise(plan(params), vocab, n_vocab, n_ctx)
@@ -143,6 +171,8 @@ def realise(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
         pre = _chain([s for s in steps[1:] if s[0] == "penalties"], vocab, n_vocab, n_ctx)
         post = _chain([s for s in steps[1:] if s[0] != "penalties"], vocab, n_vocab, n_ctx)
         return ConstrainedSampler(pre, grammar, post, n_vocab)
+    if steps == [("greedy",)]:
+        return GreedySampler(n_vocab)
     return ChainSampler(_chain(steps, vocab, n_vocab, n_ctx))
 
 

@@ -1,5 +1,7 @@
 """The contract -> llama.cpp sampler mapping (fast, no model)."""
 
+import pytest
+
 from localgemma.contract import parse_inputs
 from localgemma.sampling import U32, SamplingParams, llama_seed, plan
 
@@ -54,3 +56,43 @@ def test_seed_mapping():
 
 def test_no_seed_is_random():
     assert len({llama_seed(None) for _ in range(8)}) > 1
+
+
+def test_plain_greedy_reads_the_row_itself_and_anything_else_stays_llama_cpps():
+    from localgemma.sampling import ChainSampler, GreedySampler, realise
+
+    assert isinstance(realise(plan(SamplingParams(temperature=0)), None, 262144, 512), GreedySampler)
+    with_penalty = realise(plan(SamplingParams(temperature=0, repetition_penalty=1.3)), None, 262144, 512)
+    try:
+        assert isinstance(with_penalty, ChainSampler)  # penalties keep state: llama.cpp's chain
+    finally:
+        with_penalty.free()
+
+
+@pytest.mark.e2e
+def test_greedy_picks_the_token_llama_cpps_greedy_sampler_picks(embedded_gguf):
+    """Step by step on the real model, and on a row with a tie (both keep the first maximum)."""
+    import llama_cpp
+    import numpy as np
+
+    from localgemma.engine import Engine
+    from localgemma.sampling import ChainSampler, GreedySampler, _chain
+
+    engine = Engine(embedded_gguf, n_ctx=256)
+    fast = GreedySampler(engine.n_vocab)
+    native = ChainSampler(_chain([("greedy",)], engine._vocab, engine.n_vocab, engine.n_ctx))
+    try:
+        engine._prefill(engine.tokenize("The three primary colours are", add_bos=True))
+        picked = []
+        for _ in range(32):
+            token = fast.sample(engine._ctx)
+            assert token == native.sample(engine._ctx)
+            picked.append(token)
+            engine._decode(llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(token), 1))
+        assert len(set(picked)) > 5  # real text, not one token over and over
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(engine._ctx, -1), shape=(engine.n_vocab,))
+        row[[7, 4242, 90000]] = row.max() + 1.0
+        assert fast.sample(engine._ctx) == native.sample(engine._ctx) == 7
+    finally:
+        native.free()
+        engine.close()
