@@ -36,12 +36,13 @@ from .errors import InsufficientMemory, LocalGemmaError
 from .generation import Chunk, Decoder, GenerationRequest
 
 FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set waits
-# A step starts no further prompt once it carries this many prompt tokens (a prompt it has
-# started, it takes whole, up to n_batch). Prefill does not get cheaper per token in bigger
-# batches on a CPU past a few dozen tokens, so prompts that arrive together are better
-# prefilled a step or two apart: the first answers start sooner and the last no later.
-# Measured in the README's performance section (p50 time to first token at 8 streams).
-PREFILL_STEP = 16
+# Prompts that arrive together are prefilled half at a time: each step takes (first come
+# first) prompts until it carries half the prompt tokens waiting. On a CPU, prefill costs about
+# the same per token in any batch past a few dozen tokens, and every step also pays a fixed
+# cost (the weights read once, the decoding sequences' tokens); so one step for all delays
+# every first token until the last prompt is done, one step each pays the fixed cost per
+# prompt, and halves put the first half's first tokens out at about half the time, the rest
+# no later than all-at-once plus one step. Measured in the README's performance section.
 
 
 class _Sequence:
@@ -108,11 +109,12 @@ class BatchPolicy:
     def prefill(left: list[int], room: int) -> list[int]:
         """How many tokens of each unfinished prompt (in admission order; `left`: tokens still
         to prefill) this step takes, with `room` slots left in the batch: first come first,
-        each prompt whole while it fits, and no new prompt once PREFILL_STEP tokens are in."""
+        each prompt whole while it fits, until half the waiting prompt tokens are in."""
+        goal = (sum(left) + 1) // 2
         takes: list[int] = []
         total = 0
         for need in left:
-            if total >= PREFILL_STEP or room == 0:
+            if total >= goal or room == 0:
                 break
             take = min(need, room)
             takes.append(take)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from localgemma.batching import FAIR_STEPS, PREFILL_STEP, BatchPolicy
+from localgemma.batching import FAIR_STEPS, BatchPolicy
 
 
 class Req:
@@ -72,19 +72,21 @@ def test_a_set_that_keeps_another_waiting_hands_over():
     assert step(policy) == ["adapter"] and policy.group == ("a",)
 
 
-def test_prompts_that_arrive_together_are_prefilled_first_come_first_a_step_or_two_apart():
+def test_prompts_that_arrive_together_are_prefilled_half_at_a_time_first_come_first():
     prefill = BatchPolicy.prefill
-    assert PREFILL_STEP == 16
-    # eight 13-token prompts: two per step (the second starts below 16 tokens), in order
-    assert prefill([13] * 8, room=512) == [13, 13]
-    assert prefill([13] * 6, room=510) == [13, 13]
+    # a wave of eight 16-token prompts: four, then the other four
+    assert prefill([16] * 8, room=512) == [16] * 4
+    assert prefill([16] * 4, room=508) == [16] * 2
+    assert prefill([16] * 7, room=511) == [16] * 4  # half rounded up
+    assert prefill([16], room=510) == [16]
     # a long prompt alone is taken whole, up to the batch's room: its first token is not delayed
     assert prefill([900], room=512) == [512]
     assert prefill([388], room=512) == [388]
-    # a prompt started in an earlier step finishes first; the next one starts only below the mark
+    # in order: a prompt started in an earlier step finishes first, and a long one is not split
+    # to make the half exact
     assert prefill([5, 40, 40], room=512) == [5, 40]
-    assert prefill([20, 40], room=512) == [20]
+    assert prefill([300, 10, 10], room=512) == [300]
     # room is shared with the decoding sequences' tokens
-    assert prefill([13, 13], room=20) == [13, 7]
+    assert prefill([13, 13, 13, 13], room=20) == [13, 7]
     assert prefill([13], room=0) == []
     assert prefill([], room=512) == []
