@@ -2,8 +2,12 @@
 llama.cpp sampler chain built from them.
 
 The chain is planned as data first (`plan`), so the mapping is unit-testable without a
-model, then realised with llama.cpp's native samplers (`build`), so no per-token Python
-runs in sampling. llama-cpp-python's own defaults (top_k 40, min_p 0.05, top_p 0.95,
+model, then realised (`make_sampler`). Two common chains read the logits row in numpy rather
+than through `llama_sampler_sample`, which fills and (for top_p and dist) sorts a candidate
+array of the whole 262k-entry vocabulary on every token: plain greedy (`GreedySampler`, the
+same token) and, without a seed, top_k/top_p/temperature/draw (`DrawSampler`, the same
+distribution). Everything else -- seeds, penalties, grammars -- is llama.cpp's native chain.
+llama-cpp-python's own defaults (top_k 40, min_p 0.05, top_p 0.95,
 repeat_penalty 1.1 over the last 64 tokens) are not used: a field the caller leaves out
 truncates or penalises nothing.
 """
@@ -157,9 +161,117 @@ class GreedySampler:
         pass
 
 
+class DrawSampler:
+    """top_k -> top_p -> temperature -> a draw, for requests without a seed: the distribution
+    llama.cpp's chain of those samplers draws from, computed in numpy from the logits row.
+
+    llama.cpp's top_p and dist sort the whole candidate array (std::sort of 262k entries,
+    ~2.3 ms per token here, and the contract's default -- temperature 0.6, nothing else --
+    paid it on every token). Here nothing is sorted but the few candidates top_k or top_p
+    keep, and the draw walks block sums, not a 262k-entry running sum. A seeded request keeps
+    llama.cpp's own chain: its seed then draws what llama.cpp's would."""
+
+    def __init__(self, n_vocab: int, temperature: float, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, rng=None):
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+
+        self.n_vocab, self.temperature = n_vocab, temperature
+        self.top_k = top_k if top_k is not None and top_k < n_vocab else None
+        self.top_p = top_p if top_p is not None and top_p < 1 else None
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._row = ctypes.POINTER(ctypes.c_float * n_vocab)
+        self._logits, self._cast = llama_cpp.llama_get_logits_ith, ctypes.cast
+
+    def distribution(self, row):
+        """(token ids or None for all, unnormalised weights) for a float32 logits row."""
+        import numpy as np
+
+        ids = None
+        logits = row
+        if self.top_k is not None:  # the k best (their order does not matter yet)
+            ids = np.argpartition(logits, len(logits) - self.top_k)[len(logits) - self.top_k:]
+            logits = logits[ids]
+        if self.top_p is not None:
+            keep = _nucleus(logits, self.top_p)
+            ids = keep if ids is None else ids[keep]
+            logits = logits[keep]
+        weights = logits - logits.max()
+        weights *= np.float32(1.0 / self.temperature)
+        return ids, np.exp(weights, out=weights)
+
+    def probabilities(self, row):
+        """(token ids, probabilities): what `sample` draws from, for tests."""
+        import numpy as np
+
+        ids, weights = self.distribution(np.asarray(row, dtype=np.float32))
+        return (np.arange(len(weights)) if ids is None else ids), weights / weights.sum(dtype=np.float64)
+
+    def sample(self, ctx, idx: int = -1) -> int:
+        import numpy as np
+
+        row = self._logits(ctx, idx)
+        if not row:
+            raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
+        ids, weights = self.distribution(np.frombuffer(self._cast(row, self._row).contents, np.float32))
+        pick = _draw(weights, self._rng.random())
+        return pick if ids is None else int(ids[pick])
+
+    def free(self) -> None:
+        pass
+
+
+def _nucleus(logits, p: float):
+    """Indices of llama.cpp's top_p set: by descending logit, up to and including the first
+    token where the softmax's running sum reaches p (at least one token). Only tokens of
+    weight >= (1 - p) * total / n can be in it (those below hold less than 1 - p of the mass
+    together), so only those are sorted."""
+    import numpy as np
+
+    weights = np.exp(logits - logits.max())
+    total = float(weights.sum(dtype=np.float64))
+    cand = np.flatnonzero(weights >= (1.0 - p) * total / len(weights))
+    order = cand[np.argsort(-logits[cand])]
+    mass = np.cumsum(weights[order], dtype=np.float64) / total
+    hit = int(np.searchsorted(mass, p, side="left"))  # the first index whose running sum is >= p
+    return order[:hit + 1]
+
+
+DRAW_BLOCK = 512
+
+
+def _draw(weights, u: float) -> int:
+    """Index i with probability weights[i] / sum, for u uniform in [0, 1): the block holding
+    u * sum by the blocks' sums, then the entry inside it."""
+    import numpy as np
+
+    n = len(weights)
+    if n <= DRAW_BLOCK:
+        blocks, size = np.array([weights.sum(dtype=np.float64)]), n
+    else:
+        size = DRAW_BLOCK
+        whole = n - n % size
+        blocks = weights[:whole].reshape(-1, size).sum(axis=1, dtype=np.float64)
+        if whole < n:
+            blocks = np.append(blocks, weights[whole:].sum(dtype=np.float64))
+    ends = np.cumsum(blocks)
+    target = u * ends[-1]
+    b = min(int(np.searchsorted(ends, target, side="right")), len(ends) - 1)
+    inside = np.cumsum(weights[b * size:(b + 1) * size], dtype=np.float64)
+    i = min(int(np.searchsorted(inside, target - (ends[b - 1] if b else 0.0), side="right")), len(inside) - 1)
+    while i > 0 and inside[i] == (inside[i - 1]):  # rounding put it past the block's last token of weight
+        i -= 1
+    return b * size + i
+
+
 def make_sampler(params: SamplingParams, vocab, n_vocab: int, n_ctx: int):
     """The sampler for these parameters, ready to `sample(ctx, row)`; `free()` it after."""
-    return realise(plan(params), vocab, n_vocab, n_ctx)
+    steps = plan(params)
+    if params.seed is None and steps[-1][0] == "dist" and {s[0] for s in steps} <= {"top_k", "top_p", "temp", "dist"}:
+        return DrawSampler(n_vocab, params.temperature, params.top_k, params.top_p)
+    return realise(steps, vocab, n_vocab, n_ctx)
 
 
 def realise(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):

@@ -96,3 +96,77 @@ def test_greedy_picks_the_token_llama_cpps_greedy_sampler_picks(embedded_gguf):
     finally:
         native.free()
         engine.close()
+
+
+def _llama_cpp_distribution(steps, row):
+    """What llama.cpp's own chain leaves to draw from: (ids, probabilities), applied to `row`
+    through the C API (no model needed)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from localgemma.constrained import TOKEN_DATA
+    from localgemma.sampling import _chain
+
+    data = np.zeros(len(row), TOKEN_DATA)
+    data["id"], data["logit"] = np.arange(len(row)), row
+    arr = llama_cpp.llama_token_data_array(data=data.ctypes.data_as(llama_cpp.llama_token_data_p), size=len(row),
+                                           selected=-1, sorted=False)
+    chain = _chain(steps, None, len(row), 512)
+    try:
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+    kept = data[:arr.size]
+    weights = np.exp(kept["logit"].astype(np.float64) - kept["logit"].max())
+    return kept["id"], weights / weights.sum()
+
+
+@pytest.mark.parametrize("fields", [
+    {"temperature": 0.6}, {"temperature": 1.3, "top_k": 40}, {"temperature": 0.7, "top_p": 0.9},
+    {"temperature": 0.2, "top_p": 0.35}, {"temperature": 2.0, "top_k": 50, "top_p": 0.8}, {"temperature": 1, "top_k": 1},
+])
+def test_unseeded_draws_come_from_the_distribution_llama_cpps_chain_leaves(fields):
+    import numpy as np
+
+    from localgemma.sampling import DrawSampler, make_sampler
+
+    params = SamplingParams(**fields)
+    sampler = make_sampler(params, None, 4096, 512)
+    assert isinstance(sampler, DrawSampler)  # no seed: numpy's draw, not llama.cpp's sort of the vocabulary
+    rng = np.random.default_rng(11)
+    row = (rng.standard_normal(4096) * 2.5).astype(np.float32)
+    row[rng.choice(4096, 12, replace=False)] += 9  # a peaked row, like a model's
+    ids, probs = sampler.probabilities(row)
+    steps = [s for s in plan(SamplingParams(**fields, seed=1)) if s[0] != "dist"]
+    their_ids, their_probs = _llama_cpp_distribution(steps, row)
+    assert sorted(ids.tolist()) == sorted(their_ids.tolist())
+    ours = dict(zip(ids.tolist(), probs.tolist()))
+    assert max(abs(ours[i] - p) for i, p in zip(their_ids.tolist(), their_probs.tolist())) < 1e-5
+
+
+def test_a_seed_keeps_llama_cpps_chain_and_its_draws():
+    from localgemma.sampling import ChainSampler, make_sampler
+
+    sampler = make_sampler(SamplingParams(temperature=0.6, seed=42), None, 4096, 512)
+    try:
+        assert isinstance(sampler, ChainSampler)
+    finally:
+        sampler.free()
+
+
+def test_the_draw_lands_where_the_running_sum_says_across_blocks_and_zero_weights():
+    import numpy as np
+
+    from localgemma.sampling import DRAW_BLOCK, _draw
+
+    rng = np.random.default_rng(5)
+    for n in (7, DRAW_BLOCK, 3 * DRAW_BLOCK + 77):
+        weights = rng.random(n).astype(np.float32) ** 4
+        weights[rng.choice(n, n // 3, replace=False)] = 0  # never drawn
+        ends = np.cumsum(weights, dtype=np.float64)
+        for u in np.concatenate([np.linspace(0, 1, 2001, endpoint=False), [1 - 1e-12]]):
+            i = _draw(weights, float(u))
+            assert weights[i] > 0
+            assert i == int(np.searchsorted(ends, u * ends[-1], side="right"))  # ends[i-1] <= u*sum < ends[i]
