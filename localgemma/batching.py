@@ -4,8 +4,9 @@ A `Batcher` owns a second llama.cpp context on the engine's model (the engine ke
 single-sequence context for exact answers) with up to `parallel` sequences sharing `n_ctx` KV
 cells. A background thread runs the loop: between decode steps, cancelled requests leave
 (their KV removed at once) and waiting ones join; each step decodes every running sequence's
-last token plus prompt tokens, first come first (`BatchPolicy.prefill`). Each request keeps its own sampler
-and reads its own logits row; the decode step is generation.Decoder, as on the engine.
+last token plus prompt tokens, first come first (`BatchPolicy.prefill`). Each request keeps
+its own sampler and reads its own logits row; the decode step is generation.Decoder, as on
+the engine.
 
 Who runs, and when, is `BatchPolicy`'s: a pure object (no llama.cpp), tested on its own.
 llama.cpp applies LoRA adapters per context, so only requests with the same adapter set run

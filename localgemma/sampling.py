@@ -261,7 +261,7 @@ def _draw(weights, u: float) -> int:
     b = min(int(np.searchsorted(ends, target, side="right")), len(ends) - 1)
     inside = np.cumsum(weights[b * size:(b + 1) * size], dtype=np.float64)
     i = min(int(np.searchsorted(inside, target - (ends[b - 1] if b else 0.0), side="right")), len(inside) - 1)
-    while i > 0 and inside[i] == (inside[i - 1]):  # rounding put it past the block's last token of weight
+    while i > 0 and inside[i] == inside[i - 1]:  # clamped past the block's last token of weight: back to it
         i -= 1
     return b * size + i
 
@@ -270,7 +270,7 @@ def make_sampler(params: SamplingParams, vocab, n_vocab: int, n_ctx: int):
     """The sampler for these parameters, ready to `sample(ctx, row)`; `free()` it after."""
     steps = plan(params)
     if params.seed is None and steps[-1][0] == "dist" and {s[0] for s in steps} <= {"top_k", "top_p", "temp", "dist"}:
-        return DrawSampler(n_vocab, params.temperature, params.top_k, params.top_p)
+        return DrawSampler(n_vocab, params.temperature, params.top_k, params.top_p)  # no seed: numpy's draw
     return realise(steps, vocab, n_vocab, n_ctx)
 
 

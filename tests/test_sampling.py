@@ -125,7 +125,8 @@ def _llama_cpp_distribution(steps, row):
 
 @pytest.mark.parametrize("fields", [
     {"temperature": 0.6}, {"temperature": 1.3, "top_k": 40}, {"temperature": 0.7, "top_p": 0.9},
-    {"temperature": 0.2, "top_p": 0.35}, {"temperature": 2.0, "top_k": 50, "top_p": 0.8}, {"temperature": 1, "top_k": 1},
+    {"temperature": 0.2, "top_p": 0.35}, {"temperature": 2.0, "top_k": 50, "top_p": 0.8},
+    {"temperature": 1, "top_k": 1},
 ])
 def test_unseeded_draws_come_from_the_distribution_llama_cpps_chain_leaves(fields):
     import numpy as np
