@@ -133,7 +133,30 @@ class ChainSampler:
         self._free(self.chain)
 
 
-class GreedySampler:
+class _RowSampler:
+    """A sampler that reads the sequence's logits row itself, as float32 numpy (no copy)."""
+
+    def __init__(self, n_vocab: int):
+        import ctypes
+
+        import llama_cpp
+
+        self._row_type = ctypes.POINTER(ctypes.c_float * n_vocab)
+        self._logits, self._cast = llama_cpp.llama_get_logits_ith, ctypes.cast
+
+    def row(self, ctx, idx: int):
+        import numpy as np
+
+        row = self._logits(ctx, idx)
+        if not row:
+            raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
+        return np.frombuffer(self._cast(row, self._row_type).contents, np.float32)
+
+    def free(self) -> None:
+        pass
+
+
+class GreedySampler(_RowSampler):
     """Greedy with nothing before it: the first highest logit, read straight from the row.
 
     The same token as llama.cpp's greedy sampler (which also keeps the first of equal
@@ -141,27 +164,11 @@ class GreedySampler:
     a candidate array the size of the vocabulary (~0.7 ms per token on Gemma's 262k entries,
     more under load; numpy's argmax over the row takes ~0.03 ms)."""
 
-    def __init__(self, n_vocab: int):
-        import ctypes
-
-        import llama_cpp
-
-        self._row = ctypes.POINTER(ctypes.c_float * n_vocab)
-        self._logits, self._cast = llama_cpp.llama_get_logits_ith, ctypes.cast
-
     def sample(self, ctx, idx: int = -1) -> int:
-        import numpy as np
-
-        row = self._logits(ctx, idx)
-        if not row:
-            raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
-        return int(np.frombuffer(self._cast(row, self._row).contents, np.float32).argmax())
-
-    def free(self) -> None:
-        pass
+        return int(self.row(ctx, idx).argmax())
 
 
-class DrawSampler:
+class DrawSampler(_RowSampler):
     """top_k -> top_p -> temperature -> a draw, for requests without a seed: the distribution
     llama.cpp's chain of those samplers draws from, computed in numpy from the logits row.
 
@@ -173,17 +180,13 @@ class DrawSampler:
 
     def __init__(self, n_vocab: int, temperature: float, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, rng=None):
-        import ctypes
-
-        import llama_cpp
         import numpy as np
 
+        super().__init__(n_vocab)
         self.n_vocab, self.temperature = n_vocab, temperature
         self.top_k = top_k if top_k is not None and top_k < n_vocab else None
         self.top_p = top_p if top_p is not None and top_p < 1 else None
         self._rng = rng if rng is not None else np.random.default_rng()
-        self._row = ctypes.POINTER(ctypes.c_float * n_vocab)
-        self._logits, self._cast = llama_cpp.llama_get_logits_ith, ctypes.cast
 
     def distribution(self, row):
         """(token ids or None for all, unnormalised weights) for a float32 logits row."""
@@ -210,17 +213,9 @@ class DrawSampler:
         return (np.arange(len(weights)) if ids is None else ids), weights / weights.sum(dtype=np.float64)
 
     def sample(self, ctx, idx: int = -1) -> int:
-        import numpy as np
-
-        row = self._logits(ctx, idx)
-        if not row:
-            raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
-        ids, weights = self.distribution(np.frombuffer(self._cast(row, self._row).contents, np.float32))
+        ids, weights = self.distribution(self.row(ctx, idx))
         pick = _draw(weights, self._rng.random())
         return pick if ids is None else int(ids[pick])
-
-    def free(self) -> None:
-        pass
 
 
 def _nucleus(logits, p: float):
