@@ -92,5 +92,19 @@ class Server:
     def finetunes(self, suffix: str = "") -> str:
         return f"{self.base}/client/v4/accounts/acct/ai/finetunes{suffix}"
 
+    def upload(self, name: str, folder: Path, model: str = TWO_B, **fields: str) -> httpx.Response:
+        """The REST flow: create the finetune, then send both files; the first refusal, else
+        the last answer (its result is the finetune, with its id)."""
+        created = httpx.post(self.finetunes(), json={"model": model, "name": name, **fields})
+        if created.status_code != 200:
+            return created
+        ident = created.json()["result"]["id"]
+        for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+            r = httpx.post(self.finetunes(f"/{ident}/finetune-assets"), data={"file_name": file_name},
+                           files={"file": (file_name, (folder / file_name).read_bytes())}, timeout=60)
+            if r.status_code != 200:
+                return r
+        return r
+
     def jobs(self, **headers) -> list[dict]:
         return httpx.get(self.base + "/debug/jobs", headers=headers).json()["jobs"]

@@ -62,19 +62,6 @@ def listing(srv) -> list:
     return r.json()["result"]
 
 
-def upload(srv, name: str, folder: Path, model: str = TWO_B) -> httpx.Response:
-    """The REST flow: create, then both files; returns the last answer."""
-    created = httpx.post(srv.finetunes(), json={"model": model, "name": name})
-    if created.status_code != 200:
-        return created
-    for file_name in ("adapter_config.json", "adapter_model.safetensors"):
-        r = httpx.post(srv.finetunes(f"/{name}/finetune-assets"), data={"file_name": file_name},
-                       files={"file": (file_name, (folder / file_name).read_bytes())}, timeout=60)
-        if r.status_code != 200:
-            return r
-    return r
-
-
 # -- 1. scores that overflow never break the grammar --------------------------------------------
 
 @pytest.mark.parametrize("extra", [
@@ -193,7 +180,7 @@ def adapters(srv, embedded_gguf, tmp_path_factory):
     root = tmp_path_factory.mktemp("peft-hardening")
     folders = {seed: make_peft_adapter(root / f"s{seed}", embedded_gguf, targets=("q_proj", "v_proj"), seed=seed)
                for seed in (1, 2)}
-    assert upload(srv, "good", folders[1]).status_code == 200
+    assert srv.upload("good", folders[1]).status_code == 200
     return folders
 
 
@@ -211,7 +198,7 @@ def broken(folder: Path, dest: Path, edit: dict) -> Path:
 def test_hostile_adapter_configs_are_400_and_change_nothing(srv, adapters, tmp_path, case):
     before = listing(srv)
     folder = broken(adapters[2], tmp_path / "a", CASES[case])
-    r = upload(srv, "hostile", folder)
+    r = srv.upload("hostile", folder)
     message = error_of(r, 400)
     assert "adapter_config.json" in message and str(srv.home) not in message and "/tmp" not in message, message
     after = [e for e in listing(srv) if e["name"] != "hostile"]
@@ -240,7 +227,7 @@ def test_nan_in_the_weights_is_refused(srv, adapters, tmp_path):
     tensors[key][0, 0] = math.nan
     save_file(tensors, folder / "adapter_model.safetensors")
     before = listing(srv)
-    assert "NaN or infinite values" in error_of(upload(srv, "nan-weights", folder), 400)
+    assert "NaN or infinite values" in error_of(srv.upload("nan-weights", folder), 400)
     assert [e for e in listing(srv) if e["name"] != "nan-weights"] == before
     httpx.delete(srv.finetunes("/nan-weights"))
 
@@ -252,7 +239,7 @@ def test_backtracking_patterns_neither_freeze_the_server_nor_hang(srv, adapters,
                                                   "alpha_pattern": {"(a|a?)+$": 8}})
     with ThreadPoolExecutor(1) as pool:
         start = time.monotonic()
-        pending = pool.submit(upload, srv, "backtrack", folder)
+        pending = pool.submit(srv.upload, "backtrack", folder)
         health = [httpx.get(srv.base + "/health", timeout=2).status_code for _ in range(5)]
         r = pending.result(timeout=60)
     assert health == [200] * 5
@@ -289,13 +276,13 @@ def test_a_refused_reupload_leaves_the_ready_finetune_exactly_as_it_was(srv, ada
 
 
 def test_an_accepted_reupload_is_served_at_once(srv, adapters):
-    assert upload(srv, "swapped", adapters[1]).status_code == 200
+    assert srv.upload("swapped", adapters[1]).status_code == 200
     old = ask(srv, "swapped")
     sha = next(e for e in listing(srv) if e["name"] == "swapped")["sha256"]
     r = httpx.post(srv.finetunes("/swapped/finetune-assets"), data={"file_name": "adapter_model.safetensors"},
                    files={"file": ("x", (adapters[2] / "adapter_model.safetensors").read_bytes())})
     assert r.status_code == 200 and r.json()["result"]["sha256"] != sha, r.text
-    assert upload(srv, "fresh", adapters[2]).status_code == 200
+    assert srv.upload("fresh", adapters[2]).status_code == 200
     assert ask(srv, "swapped") == ask(srv, "fresh") != old
     for name in ("swapped", "fresh"):
         httpx.delete(srv.finetunes(f"/{name}"))
@@ -510,13 +497,13 @@ def test_vision_tower_modules_are_left_out_and_named(srv, adapters, tmp_path):
     renamed["base_model.model.model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.lora_A.weight"] = np.ones((8, 1152))
     renamed["base_model.model.model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.lora_B.weight"] = np.ones((4304, 8))
     write_safetensors(folder / "adapter_model.safetensors", renamed)
-    r = upload(srv, "multimodal", folder)
+    r = srv.upload("multimodal", folder)
     assert r.status_code == 200, r.text
     entry = r.json()["result"]
     assert entry["status"] == "ready"
     note = " ".join(r.json()["messages"] and [m["message"] for m in r.json()["messages"]] or entry.get("notes", []))
     assert "left out 5 vision-tower modules" in note and "fc1, out_proj, q_proj" in note, r.text
-    assert upload(srv, "text-only", adapters[2]).status_code == 200
+    assert srv.upload("text-only", adapters[2]).status_code == 200
     assert ask(srv, "multimodal") == ask(srv, "text-only")  # the language-model part is applied, all of it
     done = cli("convert", "lora", folder, "-o", tmp_path / "mm.gguf", home=srv.home)
     assert done.returncode == 0 and "left out 5 vision-tower modules" in done.stdout + done.stderr, done

@@ -209,13 +209,9 @@ def test_a_finetune_runs_as_name_tag(srv, client, embedded_gguf, tmp_path):
     from peft_util import make_peft_adapter
 
     folder = make_peft_adapter(tmp_path / "peft", embedded_gguf, seed=11)
-    created = httpx.post(srv.finetunes(), json={"model": TWO_B, "name": "ollama-style"})
-    assert created.status_code == 200, created.text
-    ident = created.json()["result"]["id"]
-    for file_name in ("adapter_config.json", "adapter_model.safetensors"):
-        r = httpx.post(srv.finetunes(f"/{ident}/finetune-assets"), data={"file_name": file_name},
-                       files={"file": (file_name, (folder / file_name).read_bytes())}, timeout=60)
-        assert r.status_code == 200, r.text
+    r = srv.upload("ollama-style", folder)
+    assert r.status_code == 200, r.text
+    ident = r.json()["result"]["id"]
     listed = {m.model: m for m in client.list().models}
     assert listed[f"{NAME}:ollama-style"].details.parent_model == f"{NAME}:latest"
     base = client.generate(model=NAME, prompt=RAW, raw=True, options=GREEDY).response

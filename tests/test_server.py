@@ -60,15 +60,10 @@ def adapters(server, embedded_gguf, tmp_path_factory):
         folder = make_peft_adapter(tmp_path_factory.mktemp(f"peft-{seed}"), embedded_gguf, seed=seed,
                                    targets=("q_proj", "v_proj", "o_proj"))
         httpx.delete(server.finetunes(f"/{name}"))  # left over from an earlier run in this home
-        created = httpx.post(server.finetunes(), json={"model": TWO_B, "name": name, "description": f"seed {seed}"})
-        assert created.status_code == 200, created.text
-        ident = created.json()["result"]["id"]
-        for file_name in ("adapter_config.json", "adapter_model.safetensors"):
-            r = httpx.post(server.finetunes(f"/{ident}/finetune-assets"), data={"file_name": file_name},
-                           files={"file": (file_name, (folder / file_name).read_bytes())}, timeout=60)
-            assert r.status_code == 200, r.text
+        r = server.upload(name, folder, description=f"seed {seed}")
+        assert r.status_code == 200, r.text
         assert r.json()["result"]["status"] == "ready"
-        names[name] = ident
+        names[name] = r.json()["result"]["id"]
     return names
 
 
