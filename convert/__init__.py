@@ -6,14 +6,23 @@ and what would be right, and nothing is written when one is raised. `cli.py` is 
     peft_to_gguf(adapter_dir, base_gguf, out_path, *, max_rank=None, max_bytes=None) -> AdapterInfo
     merge(base_gguf, [(adapter, scale), ...], out_path, *, out_type=None, progress=None) -> MergeInfo
     quantize(in_path, out_path, type) -> Path
+
+The names below are imported on first use, so the CLI (which attaches `convert`) does not
+load gguf and numpy for `localgemma run`.
 """
 
-from .llama_quant import QUANT_TYPES, quantize
-from .lora import AdapterInfo, peft_to_gguf
-from .merge import MergeInfo, merge, merge_reference
-from .peft import GEMMA_MODEL_TYPES, SUPPORTED_TARGETS
+import importlib
 
-__all__ = [
-    "AdapterInfo", "GEMMA_MODEL_TYPES", "MergeInfo", "QUANT_TYPES", "SUPPORTED_TARGETS",
-    "merge", "merge_reference", "peft_to_gguf", "quantize",
-]
+_HOMES = {
+    "QUANT_TYPES": "llama_quant", "quantize": "llama_quant",
+    "AdapterInfo": "lora", "peft_to_gguf": "lora",
+    "MergeInfo": "merging", "merge": "merging", "merge_reference": "merging",
+    "GEMMA_MODEL_TYPES": "peft", "SUPPORTED_TARGETS": "peft",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

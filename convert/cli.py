@@ -91,7 +91,7 @@ def lora_command(adapter_dir: Path, base: Optional[str], out: Path, max_lora_ran
               help=f"Output type: {_TYPES_HELP} (default: every tensor keeps the base's type).")
 def merge_command(base: str, adapters: tuple[str, ...], out: Path, out_type: Optional[str]) -> None:
     """Merge LoRA adapters (GGUF files or PEFT folders, each with an optional :SCALE) into BASE."""
-    from .merge import merge
+    from .merging import merge
 
     pairs = [_parse_adapter(spec) for spec in adapters]
     with _user_errors():

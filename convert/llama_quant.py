@@ -22,7 +22,6 @@ from typing import Iterator
 
 from ..errors import ConversionError
 from ..files import atomic_output
-from .gguf_lora import check_output_path
 
 # Output types offered to users: llama.cpp's file types that need no importance matrix
 # (IQ1/IQ2/IQ3_XXS and Q2_K_S do) and are meant for ordinary dense models (TQ*, MXFP4 are not).
@@ -60,6 +59,8 @@ def quantize(in_path: str | Path, out_path: str | Path, type: str) -> Path:
     src = Path(in_path)
     if not src.is_file():
         raise ConversionError(f"no GGUF file at {src}")
+    from .gguf_lora import check_output_path  # gguf and numpy: only when quantizing
+
     out = check_output_path(out_path, src)
     with atomic_output(out) as tmp:
         run_quantizer(src, tmp, ftype, allow_requantize=True)

@@ -9,8 +9,17 @@
     middleware.py    the catch-all, auth, body limits; protocol.py: head timeout, connection cap
     jsonbody.py      strict JSON bodies on every route
     cli.py           `localgemma serve` (its settings: localgemma.settings)
+
+Importing the package loads none of them (`localgemma run` should not pay for FastAPI):
+`create_app` is imported on first use.
 """
 
-from .app import create_app
-
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str):
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
