@@ -248,8 +248,8 @@ class Batcher:
 
     def _switch(self, group: tuple) -> None:
         """Make `group` the context's adapter set. Nothing is running, so no KV computed under
-        the old set survives (the cache is cleared anyway, for good measure)."""
-        llama_cpp.llama_memory_clear(self._mem, True)
+        the old set survives (its cells are freed anyway, for good measure)."""
+        llama_cpp.llama_memory_clear(self._mem, False)
         try:
             self.adapters.activate(self._ctx, group)
             self.policy.group = group
@@ -357,7 +357,7 @@ class Batcher:
                 for i, idx in rows:
                     row = llama_cpp.llama_get_logits_ith(self._ctx, idx)
                     out[i].append(np.ctypeslib.as_array(row, shape=(self.engine.n_vocab,)).copy())
-            llama_cpp.llama_memory_clear(self._mem, True)
+            llama_cpp.llama_memory_clear(self._mem, False)
         return [np.stack(rows) for rows in out]
 
     # -- lifetime ---------------------------------------------------------------------------
