@@ -64,7 +64,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e and not install"
 
+# Bytecode first, as installing a wheel writes it: an editable install run with
+# PYTHONDONTWRITEBYTECODE (this machine sets it) would compile every module at each cold start.
 bench: $(STAMP)
+	$(BIN)/python -m compileall -q localgemma convert models
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_batch.py
 	$(BIN)/python bench/bench_peer.py

@@ -9,18 +9,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import llama_cpp
 
-from . import sampling, system
+from . import preload, sampling, system, weights
 from .adapters import AdapterCache
 from .errors import ContextOverflow, InsufficientMemory, InvalidInput, LocalGemmaError
 from .generation import AdapterRef, Chunk, Decoder, GenerationRequest
 from .settings import current as settings
+from .weights import check_memory  # noqa: F401  (re-exported: tests and older callers)
 
 log = logging.getLogger("localgemma")
 
@@ -29,41 +29,6 @@ DEFAULT_N_BATCH = 512
 # llama.cpp's KV cache types (`--kv-type`): ggml type ids. Quantized caches need flash
 # attention, which llama.cpp turns on by itself on the CPU ("auto").
 KV_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
-
-_backend_ready = False
-_backend_lock = threading.Lock()
-
-
-_verbose = False  # settings.verbose, read when a model is loaded
-
-
-@llama_cpp.llama_log_callback
-def _llama_log(level: int, text: bytes, _user) -> None:
-    # llama.cpp narrates every load (and tags some warnings as level NONE, which
-    # llama-cpp-python's own filter lets through); say nothing unless asked to.
-    if _verbose:
-        print(text.decode(errors="replace"), end="", file=sys.stderr, flush=True)
-
-
-def _init_backend() -> None:
-    global _backend_ready, _verbose
-    _verbose = settings().verbose
-    with _backend_lock:
-        if not _backend_ready:
-            llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
-
-
-def check_memory(path: Path, available: Optional[int] = None) -> None:
-    """Refuse, with numbers, to load a model file bigger than the memory available."""
-    size = path.stat().st_size
-    available = system.available_memory() if available is None else available
-    if available is not None and size > available:
-        raise InsufficientMemory(
-            f"{path.name} needs {size / 2**20:,.0f} MiB but only {available / 2**20:,.0f} MiB of memory is "
-            f"available; free memory or use a smaller quantization"
-        )
 
 
 class Engine:
@@ -77,28 +42,19 @@ class Engine:
         probe: bool = True,
         kv_type: str = "f16",
     ):
-        """`probe`: check the file's header and, once per file, load it in a child process
-        first (localgemma.probe), so a file llama.cpp would abort on cannot end this process.
-        Only files this process made itself skip it."""
+        """`probe`: see weights.load. Weights a preload has read (localgemma.preload) are
+        taken instead of loaded again."""
         self.path = Path(path)
         self._model = self._ctx = None
         if kv_type not in KV_GGML_TYPES:
             raise InvalidInput(f"kv_type: {kv_type!r} is not a KV cache type; use one of {', '.join(KV_GGML_TYPES)}")
         self.kv_type = kv_type
-        if probe:
-            from .probe import ensure_loadable
-
-            ensure_loadable(self.path)
-        check_memory(self.path)
-        _init_backend()
         self.n_threads = n_threads or system.physical_cores()
         self._lock = threading.Lock()
-
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # pages shared with the OS cache
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
-            raise LocalGemmaError(f"llama.cpp could not load {self.path} (corrupt or unsupported GGUF?)")
+        verbose = settings().verbose
+        weights.init_backend(verbose)
+        pending = preload.take(self.path)
+        self._model = pending.result() if pending is not None else weights.load(self.path, verbose=verbose, probe=probe)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         n_ctx = n_ctx or min(self.n_ctx_train, DEFAULT_N_CTX)
 

@@ -42,9 +42,10 @@ def _fast_tests_load_no_model(request, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a fast test loaded a model: mark it e2e, or use a fake")
 
-    from localgemma import engine
+    from localgemma import engine, weights
 
     monkeypatch.setattr(engine.Engine, "__init__", refuse)
+    monkeypatch.setattr(weights, "load", refuse)
 
 
 def pytest_addoption(parser):
