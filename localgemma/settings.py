@@ -3,23 +3,29 @@ environment variable (LOCALGEMMA_<NAME>) that sets it. The CLI's flags are gener
 these fields (`option`), so a flag, its variable and its default cannot drift apart.
 
 Read at call time: `current()` builds a Settings from the environment as it is now, and the
-server builds one from its flags (flags win over variables, variables over defaults).
+server builds one from its flags (flags win over variables, variables over defaults). The
+variables are read as pydantic-settings would read them -- the name in any case, lists and
+dicts as JSON, everything else as text pydantic converts -- by `from_environment` below: that
+package (and the YAML, dotenv and asyncio modules it imports) cost every cold start 35 ms of
+imports and more at exit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidInput
 
+ENV_PREFIX = "LOCALGEMMA_"
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOCALGEMMA_", extra="ignore", frozen=True)
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     # -- models and compute -------------------------------------------------------------------
     home: Optional[Path] = Field(None, description="where models, bindings and finetunes live "
@@ -93,7 +99,7 @@ def current(**overrides: Any) -> Settings:
     takes effect at the next call, and Settings is frozen, so sharing it is safe."""
     given = {k: v for k, v in overrides.items() if v is not None}
     key = (repr(sorted(given.items())),
-           tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("LOCALGEMMA_"))))
+           tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX))))
     built = _BUILT.get(key)
     if built is None:
         built = _build(given)
@@ -103,20 +109,49 @@ def current(**overrides: Any) -> Settings:
     return built
 
 
+def from_environment(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The fields the LOCALGEMMA_* variables set, as Settings' input: lists and dicts decoded
+    from JSON (InvalidInput, naming the variable, when they are not), the rest as given."""
+    environ = os.environ if environ is None else environ
+    found = {key.upper(): value for key, value in environ.items() if key.upper().startswith(ENV_PREFIX)}
+    values: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        raw = found.get(env_var(name))
+        if raw is None:
+            continue
+        if _structured(field.annotation):
+            try:
+                values[name] = json.loads(raw)
+            except ValueError:
+                raise InvalidInput(f"{env_var(name)}: not JSON (got {raw!r}); give a JSON "
+                                   f"{'object' if _origin(field.annotation) is dict else 'list'}") from None
+        else:
+            values[name] = raw
+    return values
+
+
+def _origin(annotation: Any) -> Any:
+    return get_origin(annotation) or annotation
+
+
+def _structured(annotation: Any) -> bool:
+    return _origin(annotation) in (list, dict)
+
+
 def _build(given: dict[str, Any]) -> Settings:
     try:
-        return Settings(**given)
+        return Settings(**{**from_environment(), **given})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             name = str(err["loc"][0]) if err["loc"] else "settings"
-            where = f"--{name.replace('_', '-')} / LOCALGEMMA_{name.upper()}"
+            where = f"--{name.replace('_', '-')} / {env_var(name)}"
             problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
         raise InvalidInput("; ".join(problems)) from None
 
 
 def env_var(name: str) -> str:
-    return f"LOCALGEMMA_{name.upper()}"
+    return f"{ENV_PREFIX}{name.upper()}"
 
 
 def option(name: str, *flags: str, **kw: Any):

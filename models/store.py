@@ -24,9 +24,9 @@ from .catalog import CATALOG, EMBEDDED_ID, ModelSpec
 def home() -> Path:
     """$LOCALGEMMA_HOME, else the platform's user data dir.
 
-    Settings.home declares the variable; it is read here as pydantic-settings reads it (the
-    name in any case) but without building Settings, because resolving the model is the first
-    step of a cold start (localgemma.preload), taken before pydantic is imported."""
+    Settings.home declares the variable; it is read here as settings.from_environment reads
+    it (the name in any case) but without building Settings, because resolving the model is
+    the first step of a cold start (localgemma.preload), taken before pydantic is imported."""
     chosen = next((value for key, value in os.environ.items() if key.upper() == "LOCALGEMMA_HOME"), "")
     if chosen.strip():
         return Path(chosen).expanduser()
