@@ -1,6 +1,6 @@
 """The app factory: settings -> a FastAPI app with both surfaces, health, auth and limits.
 
-    create_app(Settings(models={"@cf/google/gemma-2b-it-lora": "~/gguf/gemma-2b-it.gguf"}))
+    create_app(current(models={"@cf/google/gemma-2b-it-lora": "~/gguf/gemma-2b-it.gguf"}))  # settings.current
 
 The app owns its runtime (engines and batchers, built from the settings), its scheduler and
 its preloader, in `app.state`: nothing is a module global another door could change.
