@@ -51,10 +51,9 @@ class Engine:
         self.kv_type = kv_type
         self.n_threads = n_threads or system.physical_cores()
         self._lock = threading.Lock()
-        verbose = settings().verbose
-        weights.init_backend(verbose)
-        pending = preload.take(self.path)
-        self._model = pending.result() if pending is not None else weights.load(self.path, verbose=verbose, probe=probe)
+        pending = preload.take(self.path)  # read silently: a preload runs only when LOCALGEMMA_VERBOSE is unset
+        self._model = (pending.result() if pending is not None
+                       else weights.load(self.path, verbose=settings().verbose, probe=probe))
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         n_ctx = n_ctx or min(self.n_ctx_train, DEFAULT_N_CTX)
 
