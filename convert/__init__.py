@@ -11,7 +11,7 @@ The names below are imported on first use, so the CLI (which attaches `convert`)
 load gguf and numpy for `localgemma run`.
 """
 
-import importlib
+from ..lazy import names as _names
 
 _HOMES = {
     "QUANT_TYPES": "llama_quant", "quantize": "llama_quant",
@@ -20,9 +20,4 @@ _HOMES = {
     "GEMMA_MODEL_TYPES": "peft", "SUPPORTED_TARGETS": "peft",
 }
 __all__ = list(_HOMES)
-
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _names(__name__, _HOMES)

@@ -6,12 +6,15 @@ conversion modules, and the fast tests, work without llama.cpp loading a model, 
 `run` can start reading the model's weights before the rest is imported (localgemma.preload).
 """
 
+from .lazy import names as _names
+
 __version__ = "0.1.0"
 
 __all__ = ["run", "parse_inputs", "PromptInputs", "MessagesInputs", "LocalGemmaError", "__version__"]
 
 _HOMES = {"parse_inputs": "contract", "PromptInputs": "contract", "MessagesInputs": "contract",
           "LocalGemmaError": "errors"}
+__getattr__ = _names(__name__, _HOMES, submodules=True)  # and submodules such as localgemma.runtime
 
 
 def run(model=None, inputs=None, **fields):
@@ -24,14 +27,3 @@ def run(model=None, inputs=None, **fields):
 
         return run_request(model, inputs, **fields)
 
-
-def __getattr__(name: str):
-    """The contract's names, and submodules such as `localgemma.runtime`, on first use."""
-    import importlib
-
-    if name in _HOMES:
-        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    try:
-        return importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError:
-        raise AttributeError(f"module 'localgemma' has no attribute {name!r}") from None

@@ -14,12 +14,7 @@ Importing the package loads none of them (`localgemma run` should not pay for Fa
 `create_app` is imported on first use.
 """
 
+from ..lazy import names as _names
+
 __all__ = ["create_app"]
-
-
-def __getattr__(name: str):
-    if name == "create_app":
-        from .app import create_app
-
-        return create_app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _names(__name__, {"create_app": "app"})
