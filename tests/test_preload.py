@@ -28,15 +28,22 @@ def test_which_commands_preload_and_which_model(args, expected):
     assert model_flag(args) == expected
 
 
-# Counts the weight loads and the thread each ran on, then answers one greedy request.
+# Counts the weight loads (and the thread each ran on) and the models freed before the call
+# returned, then answers one request.
 COLD_RUN = """
 import json, sys, threading
+import llama_cpp
 from localgemma import weights
 loads, real = [], weights.load
 def counted(path, **kw):
     loads.append(threading.current_thread().name)
     return real(path, **kw)
 weights.load = counted
+frees, real_free = [], llama_cpp.llama_model_free
+def counted_free(model):
+    frees.append(1)
+    return real_free(model)
+llama_cpp.llama_model_free = counted_free
 import localgemma
 from localgemma import preload
 inputs = json.loads(sys.argv[2])
@@ -44,7 +51,7 @@ try:
     answer = localgemma.run(model=sys.argv[1], inputs=inputs)["response"]
 except localgemma.LocalGemmaError as exc:
     answer = "refused: " + exc.message
-print(json.dumps({"answer": answer, "loads": loads, "left": len(preload._pending)}))
+print(json.dumps({"answer": answer, "loads": loads, "left": len(preload._pending), "freed": len(frees)}))
 """
 
 
@@ -65,14 +72,14 @@ def test_a_cold_run_loads_the_weights_once_on_the_preload_thread_and_answers_the
     plain = cold_run(embedded_gguf, GREEDY, LOCALGEMMA_VERBOSE="0")
     assert cold["loads"] == ["localgemma-preload"] and plain["loads"] == ["MainThread"]
     assert cold["answer"] == plain["answer"] and cold["answer"].strip()
-    assert cold["left"] == plain["left"] == 0
+    assert cold["left"] == plain["left"] == 0 and cold["freed"] == plain["freed"] == 0  # the engine keeps it
 
 
 @pytest.mark.e2e
 def test_a_refused_cold_run_frees_what_it_preloaded(embedded_gguf):
     refused = cold_run(embedded_gguf, {**GREEDY, "temperature": 9})
     assert refused["answer"].startswith("refused: ") and "temperature" in refused["answer"], refused
-    assert refused["loads"] == ["localgemma-preload"] and refused["left"] == 0
+    assert refused["loads"] == ["localgemma-preload"] and refused["left"] == 0 and refused["freed"] == 1
 
 
 @pytest.mark.e2e
