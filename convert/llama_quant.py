@@ -33,7 +33,7 @@ QUANT_TYPES = (
 
 def ftype_of(type_name: str) -> int:
     """"Q4_K_M" -> llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M (case-insensitive)."""
-    import llama_cpp
+    from localgemma.bindings import llama_cpp
 
     name = type_name.upper()
     if name not in QUANT_TYPES:
@@ -74,7 +74,7 @@ def run_quantizer(src: Path, dst: Path, ftype: int, *, pins: dict[str, int] | No
     Pins only take effect when ftype is a quantized type (llama.cpp ignores overrides for
     F16/BF16/F32 outputs, where every weight simply becomes that type).
     """
-    import llama_cpp
+    from localgemma.bindings import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -95,7 +95,7 @@ def run_quantizer(src: Path, dst: Path, ftype: int, *, pins: dict[str, int] | No
 
 def _tensor_overrides(pins: dict[str, int]):
     """A NULL-terminated C array of {regex, ggml type}; ^...$ so each pin hits one tensor."""
-    import llama_cpp
+    from localgemma.bindings import llama_cpp
 
     overrides = (llama_cpp.llama_model_tensor_override * (len(pins) + 1))()
     for slot, (name, ggml_type) in zip(overrides, pins.items()):
@@ -109,7 +109,7 @@ def _tensor_overrides(pins: dict[str, int]):
 def _captured_llama_log() -> Iterator[list[str]]:
     """Route llama.cpp's log to a list while quantizing: a library must not print, and its error
     lines become the ConversionError's message. Whatever handler was installed is restored."""
-    import llama_cpp
+    from localgemma.bindings import llama_cpp
 
     errors: list[str] = []
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import llama_cpp
-
+from .bindings import llama_cpp
 from .errors import AdapterGone, AdapterMismatch, LocalGemmaError
 from .generation import AdapterRef
 

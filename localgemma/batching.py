@@ -28,10 +28,9 @@ import threading
 from collections import deque
 from typing import Iterator, Optional
 
-import llama_cpp
-
 from . import sampling
 from .adapters import AdapterCache
+from .bindings import llama_cpp
 from .engine import Engine
 from .errors import InsufficientMemory, LocalGemmaError
 from .generation import Chunk, Decoder, GenerationRequest

@@ -235,7 +235,7 @@ def models_unbind(model_id):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(as_json):
     """llama.cpp build, SIMD features, backend, threads, and what each model needs in memory."""
-    import llama_cpp
+    from .bindings import llama_cpp
 
     from . import memory, system
     from .models import CATALOG, home, local_path

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import ctypes
 
-import llama_cpp
 import numpy as np
+
+from .bindings import llama_cpp
 
 SHORTLIST = 256
 STAGES = (SHORTLIST, 4096, 32768, 1 << 62)  # each a ~10x wider look when the last found nothing

@@ -95,7 +95,7 @@ def discard(path: Path) -> None:
         model = pending.result()
     except BaseException:  # noqa: BLE001 - nobody asked for these weights: nothing to report
         return
-    import llama_cpp
+    from .bindings import llama_cpp
 
     llama_cpp.llama_model_free(model)
 

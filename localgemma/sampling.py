@@ -120,7 +120,7 @@ class ChainSampler:
     """The plain path: llama.cpp samples natively, no Python per token beyond one call."""
 
     def __init__(self, chain):
-        import llama_cpp
+        from .bindings import llama_cpp
 
         self.chain = chain
         self._sample, self._free = llama_cpp.llama_sampler_sample, llama_cpp.llama_sampler_free
@@ -139,7 +139,7 @@ class _RowSampler:
     def __init__(self, n_vocab: int):
         import ctypes
 
-        import llama_cpp
+        from .bindings import llama_cpp
 
         self._row_type = ctypes.POINTER(ctypes.c_float * n_vocab)
         self._logits, self._cast = llama_cpp.llama_get_logits_ith, ctypes.cast
@@ -284,7 +284,7 @@ def realise(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
 
 
 def _chain(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
-    import llama_cpp
+    from .bindings import llama_cpp
 
     chain_params = llama_cpp.llama_sampler_chain_default_params()
     chain_params.no_perf = True
@@ -295,7 +295,7 @@ def _chain(steps: list[tuple], vocab, n_vocab: int, n_ctx: int):
 
 
 def _init(name: str, args, vocab, n_vocab: int, n_ctx: int):
-    import llama_cpp
+    from .bindings import llama_cpp
 
     if name == "grammar":
         smpl = llama_cpp.llama_sampler_init_grammar(vocab, args[0].encode(), b"root")

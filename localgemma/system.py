@@ -56,7 +56,7 @@ def available_memory() -> Optional[int]:
 
 def backend() -> str:
     """Which llama.cpp backend this build computes on."""
-    import llama_cpp
+    from .bindings import llama_cpp
 
     if llama_cpp.llama_supports_gpu_offload():
         if platform.system() == "Darwin":
@@ -67,7 +67,7 @@ def backend() -> str:
 
 def system_info() -> str:
     """llama.cpp's own line of compiled features, e.g. 'CPU : SSE3 = 1 | AVX2 = 1 | ...'."""
-    import llama_cpp
+    from .bindings import llama_cpp
 
     return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
 

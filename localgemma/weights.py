@@ -14,9 +14,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import llama_cpp
-
 from . import system
+from .bindings import llama_cpp
 from .errors import InsufficientMemory, LocalGemmaError
 
 _backend_ready = False
