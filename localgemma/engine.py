@@ -9,14 +9,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import llama_cpp
-
 from . import preload, sampling, system, weights
 from .adapters import AdapterCache
+from .bindings import llama_cpp
 from .errors import ContextOverflow, InsufficientMemory, InvalidInput, LocalGemmaError
 from .generation import AdapterRef, Chunk, Decoder, GenerationRequest
 from .settings import current as settings
@@ -253,6 +253,11 @@ class Engine:
             self._model = None
 
     def __del__(self):
+        if sys.is_finalizing():
+            # The interpreter is exiting and the OS takes the memory back as the process
+            # ends; llama.cpp's own free of the weights would only delay the exit (~60 ms for
+            # the embedded model, which plain llama-cpp-python pays on every exit).
+            return
         try:
             self.close()
         except Exception:
