@@ -26,7 +26,7 @@ export CMAKE_ARGS
 WHEELHOUSE ?= $(HOME)/.cache/localgemma/wheels/$(shell printf '%s %s' '$(LLAMA_CPP_PYTHON)' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 export LOCALGEMMA_WHEELHOUSE := $(WHEELHOUSE)
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast bench bench-peer clean
 
 # llama-cpp-python compiles llama.cpp (about 5-10 minutes on 2 cores, once per machine).
 $(WHEELHOUSE)/.built:
@@ -70,6 +70,11 @@ bench: $(STAMP)
 	$(BIN)/python -m compileall -q localgemma convert models
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_peer.py
+
+# The side-by-side with llama-server alone (built with this Makefile's CMAKE_ARGS, as above).
+bench-peer: $(STAMP)
+	$(BIN)/python -m compileall -q localgemma convert models
 	$(BIN)/python bench/bench_peer.py
 
 clean:

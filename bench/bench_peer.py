@@ -17,7 +17,8 @@ llama-server is built from the llama.cpp that the installed llama-cpp-python ven
 (bench/llama_server.py; bench only, cached per version and flags). Both get greedy decoding
 and a prompt greedy never ends early, so every stream decodes exactly 128 tokens.
 
-`python bench/bench_peer.py` runs it alone; `make bench` runs it too.
+`make bench-peer` runs it alone (with the Makefile's CMAKE_ARGS: llama-server built without them
+can die of SIGILL where the VM advertises AMX); `make bench` runs it too.
 """
 
 from __future__ import annotations
