@@ -235,9 +235,8 @@ def models_unbind(model_id):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(as_json):
     """llama.cpp build, SIMD features, backend, threads, and what each model needs in memory."""
-    from .bindings import llama_cpp
-
     from . import memory, system
+    from .bindings import llama_cpp
     from .models import CATALOG, home, local_path
     from .settings import current
 
