@@ -26,7 +26,7 @@ export CMAKE_ARGS
 WHEELHOUSE ?= $(HOME)/.cache/localgemma/wheels/$(shell printf '%s %s' '$(LLAMA_CPP_PYTHON)' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 export LOCALGEMMA_WHEELHOUSE := $(WHEELHOUSE)
 
-.PHONY: run test test-fast bench bench-peer clean
+.PHONY: run test test-fast bench bench-peer bench-defaults clean
 
 # llama-cpp-python compiles llama.cpp (about 5-10 minutes on 2 cores, once per machine).
 $(WHEELHOUSE)/.built:
@@ -76,6 +76,11 @@ bench: $(STAMP)
 bench-peer: $(STAMP)
 	$(BIN)/python -m compileall -q localgemma convert models
 	$(BIN)/python bench/bench_peer.py
+
+# The measurement behind serve's defaults (threads x --parallel), on this machine.
+bench-defaults: $(STAMP)
+	$(BIN)/python -m compileall -q localgemma convert models
+	$(BIN)/python bench/bench_defaults.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
