@@ -14,12 +14,13 @@ engine was built -- are freed when the block ends.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from .environment import variables
 
 
 class Pending:
@@ -53,7 +54,7 @@ def start(model: Optional[str]) -> Optional[Path]:
     from .errors import LocalGemmaError
     from .models import local_path
 
-    if any(key.upper() == "LOCALGEMMA_VERBOSE" for key in os.environ):
+    if "LOCALGEMMA_VERBOSE" in variables():
         return None  # llama.cpp's log may be wanted, and reading settings costs pydantic: load as before
     try:
         path = local_path(model)

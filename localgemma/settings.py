@@ -13,15 +13,15 @@ imports and more at exit. `Settings(...)` itself reads no variable: build one wi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .environment import PREFIX, variables
 from .errors import InvalidInput
 
-ENV_PREFIX = "LOCALGEMMA_"
+ENV_PREFIX = PREFIX
 
 
 class Settings(BaseModel):
@@ -99,7 +99,7 @@ def current(**overrides: Any) -> Settings:
     takes effect at the next call, and Settings is frozen, so sharing it is safe."""
     given = {k: v for k, v in overrides.items() if v is not None}
     key = (repr(sorted(given.items())),
-           tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX))))
+           tuple(sorted(variables().items())))
     built = _BUILT.get(key)
     if built is None:
         built = _build(given)
@@ -112,8 +112,7 @@ def current(**overrides: Any) -> Settings:
 def from_environment(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The fields the LOCALGEMMA_* variables set, as Settings' input: lists and dicts decoded
     from JSON (InvalidInput, naming the variable, when they are not), the rest as given."""
-    environ = os.environ if environ is None else environ
-    found = {key.upper(): value for key, value in environ.items() if key.upper().startswith(ENV_PREFIX)}
+    found = variables(environ)
     values: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
         raw = found.get(env_var(name))

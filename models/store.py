@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ..environment import variables
 from ..errors import ModelUnavailable, UnknownModel
 from ..files import sha256 as _sha256
 from ..files import atomic_output, write_atomic
@@ -24,10 +25,10 @@ from .catalog import CATALOG, EMBEDDED_ID, ModelSpec
 def home() -> Path:
     """$LOCALGEMMA_HOME, else the platform's user data dir.
 
-    Settings.home declares the variable; it is read here as settings.from_environment reads
-    it (the name in any case) but without building Settings, because resolving the model is
-    the first step of a cold start (localgemma.preload), taken before pydantic is imported."""
-    chosen = next((value for key, value in os.environ.items() if key.upper() == "LOCALGEMMA_HOME"), "")
+    Settings.home declares the variable; it is read here without building Settings, because
+    resolving the model is the first step of a cold start (localgemma.preload), taken before
+    pydantic is imported."""
+    chosen = variables().get("LOCALGEMMA_HOME", "")
     if chosen.strip():
         return Path(chosen).expanduser()
     import platformdirs
