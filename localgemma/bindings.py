@@ -65,17 +65,14 @@ def _install() -> ModuleType:
             for name in public:
                 setattr(package, name, getattr(c_api, name))
             importlib.import_module("llama_cpp._logger")
-        except ImportError:
-            # A layout this does not know (a future llama-cpp-python): import it whole.
+        except BaseException as exc:
             for name in [n for n in sys.modules if n == "llama_cpp" or n.startswith("llama_cpp.")]:
                 del sys.modules[name]
-            import llama_cpp
+            if not isinstance(exc, ImportError):
+                raise
+            import llama_cpp  # a layout this does not know (a future llama-cpp-python): import it whole
 
             return llama_cpp
-        except BaseException:
-            for name in [n for n in sys.modules if n == "llama_cpp" or n.startswith("llama_cpp.")]:
-                del sys.modules[name]
-            raise
         return package
 
 

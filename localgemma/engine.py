@@ -20,7 +20,6 @@ from .bindings import llama_cpp
 from .errors import ContextOverflow, InsufficientMemory, InvalidInput, LocalGemmaError
 from .generation import AdapterRef, Chunk, Decoder, GenerationRequest
 from .settings import current as settings
-from .weights import check_memory  # noqa: F401  (re-exported: tests and older callers)
 
 log = logging.getLogger("localgemma")
 

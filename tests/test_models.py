@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from localgemma import models
-from localgemma.engine import check_memory
+from localgemma.weights import check_memory
 from localgemma.errors import InsufficientMemory, ModelUnavailable, UnknownModel
 
 
