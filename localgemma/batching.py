@@ -6,7 +6,8 @@ cells. A background thread runs the loop: between decode steps, cancelled reques
 (their KV removed at once) and waiting ones join; each step decodes every running sequence's
 last token plus prompt tokens, first come first (`BatchPolicy.prefill`). Each request keeps
 its own sampler and reads its own logits row; the decode step is generation.Decoder, as on
-the engine.
+the engine. A request's chunks go to its `emit` once the step's rows are all sampled: to a
+queue its caller's thread reads (`generate`), or straight to an event loop (`submit`).
 
 Who runs, and when, is `BatchPolicy`'s: a pure object (no llama.cpp), tested on its own.
 llama.cpp applies LoRA adapters per context, so only requests with the same adapter set run
@@ -23,10 +24,11 @@ meanwhile: on two cores, two contexts decoding at once would only slow both.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections import deque
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from . import sampling
 from .adapters import AdapterCache
@@ -35,6 +37,7 @@ from .engine import Engine
 from .errors import InsufficientMemory, LocalGemmaError
 from .generation import Chunk, Decoder, GenerationRequest
 
+log = logging.getLogger("localgemma")
 FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set waits
 # Prompts that arrive together are prefilled half at a time: each step takes (first come
 # first) prompts until it carries half the prompt tokens waiting. On a CPU, prefill costs about
@@ -46,13 +49,15 @@ FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set wa
 
 
 class _Sequence:
-    """One request's state in the batch; owned by the loop thread once admitted."""
+    """One request's state in the batch; owned by the loop thread once admitted. `emit` takes
+    its chunks, in the loop thread: each text Chunk, then the last Chunk (finish_reason set), an
+    exception, or None (it was cancelled), after which nothing more."""
 
-    def __init__(self, request: GenerationRequest, since: int):
+    def __init__(self, request: GenerationRequest, since: int, emit: Callable[[Any], None]):
         self.request, self.since = request, since  # since: the step it started waiting at (fairness)
         self.group = request.adapters
         self.sampler = self.decoder = None
-        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.emit = emit
         self.cancelled = False
         self.seq = -1
         self.pos = 0  # tokens of this sequence in the KV cache
@@ -60,6 +65,10 @@ class _Sequence:
     @property
     def need(self) -> int:
         return self.request.need
+
+    def cancel(self) -> None:
+        """From any thread: the loop frees the sequence before its next step (and emits None)."""
+        self.cancelled = True
 
 
 class BatchPolicy:
@@ -144,6 +153,7 @@ class Batcher:
         self._cv = threading.Condition()
         self._exclusive = 0  # requests running on the engine's own context: the loop waits
         self._busy = self._closed = False
+        self._outbox: list[tuple[_Sequence, Any]] = []  # this step's chunks, sent when it is sampled
         self._thread = threading.Thread(target=self._loop, name="localgemma-batch", daemon=True)
         self._thread.start()
 
@@ -178,17 +188,30 @@ class Batcher:
         with self.exclusive():
             yield from chunks
 
-    def _batched(self, request: GenerationRequest) -> Iterator[Chunk]:
-        req = _Sequence(request, self.policy.steps)
+    def submit(self, request: GenerationRequest, emit: Callable[[Any], None]) -> Optional[Callable[[], None]]:
+        """`generate`, pushed: the loop thread hands each chunk to `emit` (see _Sequence), so no
+        thread of the caller's wakes per token. Returns the function that cancels the request;
+        None if the request must run alone (see `generate`): nothing was taken."""
+        if request.sampling.seed is not None or not self.policy.fits_alone(request.need):
+            return None
+        return self._enqueue(request, emit).cancel
+
+    def _enqueue(self, request: GenerationRequest, emit: Callable[[Any], None]) -> _Sequence:
+        req = _Sequence(request, self.policy.steps, emit)
         e = self.engine
         req.sampler = sampling.make_sampler(request.sampling, e._vocab, e.n_vocab, self.policy.n_ctx)
         req.decoder = Decoder(request, e.piece, e.is_eog)
         with self._cv:
             self.policy.waiting.append(req)
             self._cv.notify_all()
+        return req
+
+    def _batched(self, request: GenerationRequest) -> Iterator[Chunk]:
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        req = self._enqueue(request, out.put)
         try:
             while True:
-                item = req.out.get()
+                item = out.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -268,8 +291,15 @@ class Batcher:
                 for req in list(self.policy.running.values()):
                     self._leave(req, error)
             return
-        for req, idx in rows:
-            self._advance(req, idx)
+        # The step's chunks go out together once every row is sampled: a consumer that wakes
+        # per delivery (an event loop) then wakes once per step, not once per sequence.
+        try:
+            for req, idx in rows:
+                self._advance(req, idx)
+        finally:
+            outbox, self._outbox = self._outbox, []
+            for req, item in outbox:
+                self._emit(req, item)
 
     def _fill(self) -> list[tuple[_Sequence, int]]:
         """This step's batch: every decoding sequence's last token first (one each), then the
@@ -305,21 +335,31 @@ class Batcher:
         logits = self.engine.logits_row(self._ctx, idx) if req.request.logprobs is not None else None
         text = req.decoder.step(token, logits)
         if text or req.decoder.logprobs:
-            req.out.put(Chunk(text, logprobs=req.decoder.logprobs))
+            self._outbox.append((req, Chunk(text, logprobs=req.decoder.logprobs)))
         if req.decoder.finish:
             with self._cv:
-                self._leave(req, req.decoder.last())
+                self._leave(req, None, emit=False)
+            self._outbox.append((req, req.decoder.last()))
 
-    def _leave(self, req: _Sequence, item) -> None:
+    def _leave(self, req: _Sequence, item, emit: bool = True) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, req.seq, -1, -1)
         self.policy.leave(req)
-        self._end(req, item)
+        self._end(req, item, emit)
+
+    def _end(self, req: _Sequence, item, emit: bool = True) -> None:
+        """The sequence is gone from the batch; `item` (an error, or None when it was
+        cancelled) is its last emit -- unless its last chunk goes out with the step's (emit=False)."""
+        req.sampler.free()
+        if emit:
+            self._emit(req, item)
 
     @staticmethod
-    def _end(req: _Sequence, item) -> None:
-        req.sampler.free()
-        if item is not None:
-            req.out.put(item)
+    def _emit(req: _Sequence, item) -> None:
+        try:
+            req.emit(item)
+        except Exception:  # noqa: BLE001 - a consumer's failure must not stop the loop for all
+            log.exception("a request's consumer failed; the request is cancelled")
+            req.cancelled = True
 
     # -- measurement ------------------------------------------------------------------------
 
@@ -367,7 +407,7 @@ class Batcher:
             self._cv.notify_all()
         self._thread.join(30)
         for req in list(self.policy.running.values()) + list(self.policy.waiting):
-            req.out.put(LocalGemmaError("the model was unloaded"))
+            self._emit(req, LocalGemmaError("the model was unloaded"))
         self.adapters.close()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)

@@ -18,7 +18,7 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 from . import finetunes, structured, template
 from . import tools as tools_mod
@@ -125,9 +125,13 @@ class Runtime:
             logprobs=logprobs)
         return Prepared(self, engine, request, inputs.max_tokens, schema, tools, mode)
 
+    def open(self, model: Optional[str], inputs: Union[dict, Inputs], **options: Any) -> "Prepared":
+        """`prepare` for inputs as given (a dict is validated first)."""
+        return self.prepare(model, parse_inputs(inputs), **options)
+
     def stream(self, model: Optional[str], inputs: Union[dict, Inputs], **options: Any) -> Iterator[Union[Chunk, Result]]:
         """Text chunks as they come, then the Result. Fails (at the call) before any text."""
-        prepared = self.prepare(model, parse_inputs(inputs), **options)
+        prepared = self.open(model, inputs, **options)
         return prepared.run(prepared.generate())
 
     def close(self) -> None:
@@ -157,31 +161,38 @@ class Prepared:
         return (batcher or self.engine).generate(self.request)
 
     def run(self, chunks: Iterator[Chunk]) -> Iterator[Union[Chunk, Result]]:
-        """The text chunks, then the Result made from all of them. A tool call never streams
-        as text: with tools offered, the reply's first character says whether it is a call
-        (then nothing streams; the Result carries it) or text (then it streams as it comes)."""
-        parts: list[str] = []
-        logprobs: list = []
-        calling: Optional[bool] = False  # None: not known yet
-        if self.tools and self.tool_mode != "none":
-            calling = True if self.tool_mode in ("required", "function") else None
+        """The text chunks, then the Result made from all of them (see `Assembly`)."""
+        assembly = Assembly(self)
         try:
             for chunk in chunks:
-                if chunk.finish_reason is not None:
-                    yield self.finish("".join(parts), chunk, tuple(logprobs))
-                    continue
-                parts.append(chunk.text)
-                logprobs += chunk.logprobs
-                if calling is None:  # still undecided: held until the first character decides
-                    text = "".join(parts)
-                    if not text:
-                        continue
-                    calling = tools_mod.is_call(text)
-                    chunk = Chunk(text, logprobs=tuple(logprobs))
-                if not calling:
-                    yield chunk
+                yield from assembly.feed(chunk)
         finally:
             chunks.close()  # in this thread: frees the engine at once
+
+    def push(self, emit: Callable[[Any], None]) -> Optional[Callable[[], None]]:
+        """`run`, pushed instead of pulled, for a request the batcher takes: its thread calls
+        `emit(item)` with each text Chunk and then the Result; with an exception if it failed;
+        with None if it ended cancelled. Returns the function that cancels it. No thread of the
+        caller's waits on it. None: the request is not batched (an exact runtime, a seed, too big
+        for the pool); run `run(generate())` in a thread instead."""
+        batcher = self.runtime.batcher(self.engine)
+        if batcher is None:
+            return None
+        assembly = Assembly(self)
+
+        def take(chunk: Union[Chunk, BaseException, None]) -> None:
+            if chunk is None or isinstance(chunk, BaseException):
+                emit(chunk)
+                return
+            try:
+                items = assembly.feed(chunk)
+            except Exception as exc:  # noqa: BLE001 - e.g. a schema the text did not meet: the answer
+                emit(exc)
+                return
+            for item in items:
+                emit(item)
+
+        return batcher.submit(self.request, take)
 
     def finish(self, text: str, last: Chunk, logprobs: tuple = ()) -> Result:
         usage = Usage(last.prompt_tokens, last.completion_tokens)
@@ -193,6 +204,36 @@ class Prepared:
             if call is not None:
                 return Result(text, "tool_calls", usage, tool_calls=(call,))
         return Result(text, last.finish_reason, usage, logprobs=logprobs)
+
+
+class Assembly:
+    """Turns one generation's chunks into what a request gives: its text chunks as they come,
+    then the Result made from all of them. A tool call never streams as text: with tools
+    offered, the reply's first character says whether it is a call (then nothing streams; the
+    Result carries it) or text (then it streams as it comes)."""
+
+    def __init__(self, prepared: Prepared):
+        self.prepared = prepared
+        self.parts: list[str] = []
+        self.logprobs: list = []
+        self.calling: Optional[bool] = False  # None: not known yet
+        if prepared.tools and prepared.tool_mode != "none":
+            self.calling = True if prepared.tool_mode in ("required", "function") else None
+
+    def feed(self, chunk: Chunk) -> tuple[Union[Chunk, Result], ...]:
+        """What `chunk` lets out: nothing, a text chunk, or (for the last chunk) the Result."""
+        if chunk.finish_reason is not None:
+            return (self.prepared.finish("".join(self.parts), chunk, tuple(self.logprobs)),)
+        self.parts.append(chunk.text)
+        if chunk.logprobs:
+            self.logprobs += chunk.logprobs
+        if self.calling is None:  # still undecided: held until the first character decides
+            text = "".join(self.parts)
+            if not text:
+                return ()
+            self.calling = tools_mod.is_call(text)
+            chunk = Chunk(text, logprobs=tuple(self.logprobs))
+        return () if self.calling else (chunk,)
 
 
 def encode(engine: "Engine", inputs: Inputs, preamble: Optional[str] = None) -> list[int]:

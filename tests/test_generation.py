@@ -91,3 +91,47 @@ def test_a_generation_request_checks_its_invariants_where_it_is_built(fields, me
         return
     with pytest.raises(InvalidInput, match=message):
         GenerationRequest(**{"tokens": (2,), "sampling": SamplingParams(temperature=0), "max_tokens": 4, **fields})
+
+
+# -- Prepared: the same items pulled (run) and pushed (push, as the batch thread does) ------------
+
+class _Batcher:
+    """Batcher.submit's contract: emit each chunk, in order, from the batcher's side."""
+
+    def __init__(self, chunks):
+        self.chunks, self.cancelled = chunks, False
+
+    def submit(self, request, emit):
+        for chunk in self.chunks:
+            emit(chunk)
+        return lambda: setattr(self, "cancelled", True)
+
+
+def _prepared(chunks, schema=None):
+    from types import SimpleNamespace
+
+    from localgemma.runtime import Prepared
+
+    batcher = _Batcher(chunks)
+    request = GenerationRequest((1,), SamplingParams(temperature=0), 5)
+    return Prepared(SimpleNamespace(batcher=lambda engine: batcher), None, request, 5, schema), batcher
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_pushed_items_are_the_pulled_ones_and_a_failing_result_is_emitted_not_raised(finish):
+    from localgemma.generation import Result
+    from localgemma.errors import StructuredOutputError
+
+    chunks = [Chunk('{"a"'), Chunk(": 1}"), Chunk("", finish, 3, 2)]
+    prepared, batcher = _prepared(chunks, schema={"type": "object"})
+    pushed = []
+    stop = prepared.push(pushed.append)
+    if finish == "length":  # cut short: the schema's error is the request's answer, sent as an item
+        assert [type(x) for x in pushed] == [Chunk, Chunk, StructuredOutputError]
+        with pytest.raises(StructuredOutputError, match="max_tokens"):
+            list(prepared.run(c for c in chunks))
+        return
+    pulled = list(prepared.run(c for c in chunks))
+    assert pushed == pulled and isinstance(pushed[-1], Result) and pushed[-1].value == {"a": 1}
+    stop()
+    assert batcher.cancelled

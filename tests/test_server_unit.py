@@ -148,8 +148,8 @@ def test_validation_errors_are_one_line_per_field():
 # -- scheduler with a fake runtime -------------------------------------------------------------
 
 class FakeRuntime:
-    """Runtime.stream stand-in: `n` chunks, one per `delay` seconds, then the Result; it
-    records where its generator was closed."""
+    """Runtime stand-in, pulled (as for a request that runs alone): `n` chunks, one per `delay`
+    seconds, then the Result; it records where its generator was closed."""
 
     def __init__(self, n=1000, delay=0.002):
         self.n, self.delay = n, delay
@@ -158,10 +158,11 @@ class FakeRuntime:
         self.gate = threading.Event()
         self.gate.set()
 
-    def stream(self, model, inputs):
+    def open(self, model, inputs):
         if getattr(inputs, "fail", False):
             raise InvalidInput("fail: asked to")
-        return self._items(self.n if inputs.stream else 0)
+        return SimpleNamespace(push=lambda emit: None, generate=lambda: self._items(self.n if inputs.stream else 0),
+                               run=lambda chunks: chunks)
 
     def _items(self, n):
         try:
@@ -173,6 +174,39 @@ class FakeRuntime:
             yield Result("whole" if n == 0 else "", "stop", Usage(1, n))
         finally:
             self.closed_in = threading.get_ident()
+
+
+class PushedRuntime:
+    """Runtime stand-in for a batched request: `push` hands the items to a thread of its own
+    (the batch thread), `n` chunks then the Result, until cancelled (then None), as
+    Batcher.submit does; `fail_at`: an exception instead of that chunk."""
+
+    def __init__(self, n=1000, delay=0.002, fail_at=None):
+        self.n, self.delay, self.fail_at = n, delay, fail_at
+        self.emitted, self.threads = 0, set()
+
+    def open(self, model, inputs):
+        return SimpleNamespace(push=lambda emit: self._push(emit, inputs.stream))
+
+    def _push(self, emit, stream):
+        cancelled = threading.Event()
+
+        def batch():
+            self.threads.add(threading.get_ident())
+            for i in range(self.n if stream else 0):
+                time.sleep(self.delay)
+                if cancelled.is_set():
+                    emit(None)
+                    return
+                if i == self.fail_at:
+                    emit(InvalidInput("boom: the batch failed"))
+                    return
+                self.emitted += 1
+                emit(Chunk(str(i)))
+            emit(Result("whole" if not stream else "", "stop", Usage(1, self.n)))
+
+        threading.Thread(target=batch, daemon=True).start()
+        return cancelled.set
 
 
 def ask(stream=False, **more):
@@ -261,6 +295,64 @@ def test_failure_before_the_first_chunk_is_raised_by_get(fake):
     assert asyncio.run(main()).text == "whole"
 
 
+def test_a_pushed_request_streams_from_the_batch_thread_and_cancels_there(monkeypatch):
+    monkeypatch.setattr(queue, "_engine_key", lambda model: model)
+    runtime = PushedRuntime(delay=0.005)
+
+    async def main():
+        sched = queue.Scheduler(runtime, max_queue=1)
+        whole = await (await sched.start("m", ask())).get()  # not streamed: only the Result
+        job = await sched.start("m", ask(stream=True))
+        chunks = [await job.get() for _ in range(5)]
+        job.cancel()
+        rest = []
+        async for item in job:  # the batcher ends it: what was on its way, then END
+            rest.append(item)
+        return whole, chunks, rest, job
+
+    whole, chunks, rest, job = asyncio.run(main())
+    assert whole.text == "whole" and chunks == [Chunk(str(i)) for i in range(5)]
+    assert len(rest) <= 2 and all(isinstance(item, Chunk) for item in rest)
+    assert job.stats.state == "cancelled" and job.stats.chunks_after_cancel <= 2 and job._finished.is_set()
+    assert runtime.emitted < 20  # the batch thread stopped, not the job's
+
+
+def test_a_pushed_failure_mid_stream_is_raised_and_frees_the_line(monkeypatch):
+    monkeypatch.setattr(queue, "_engine_key", lambda model: model)
+
+    async def main():
+        sched = queue.Scheduler(PushedRuntime(n=3, fail_at=2), max_queue=0)
+        job = await sched.start("m", ask(stream=True))
+        got = [await job.get(), await job.get()]
+        with pytest.raises(InvalidInput, match="boom"):
+            await job.get()
+        assert await job.get() is queue.END
+        await asyncio.sleep(0)
+        return got, job, sched.queue_for("m").admitted
+
+    got, job, admitted = asyncio.run(main())
+    assert got == [Chunk("0"), Chunk("1")] and job.stats.state == "failed" and admitted == 0
+
+
+def test_mailbox_wakes_the_loop_once_for_what_arrives_together():
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = queue.Mailbox(loop)
+        wakes, got = [], []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(1), real(*a))[1]
+
+        for i in range(8):  # one batch step's chunks, posted before the loop gets to run
+            box.post(got.append, i)
+        await asyncio.sleep(0.01)
+        box.post(got.append, 8)  # later: a wake-up of its own
+        await asyncio.sleep(0.01)
+        return wakes, got
+
+    wakes, got = asyncio.run(main())
+    assert got == list(range(9)) and len(wakes) == 2
+
+
 def test_preloader_reports_loading_then_ok(monkeypatch):
     from localgemma.server.app import Preloader
 
@@ -307,3 +399,83 @@ def test_an_unforeseen_error_is_a_500_in_the_api_shape_and_is_not_reraised():
         "code": 3043, "message": "internal server error (RuntimeError); see the server log"}
     r = asyncio.run(call("/v1/boom"))
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+
+
+# -- EventStream: the SSE response -------------------------------------------------------------
+
+def test_events_are_framed_as_sse():
+    from localgemma.server.sse import frame
+
+    assert frame({"data": '{"a":"x\u2028y"}'}) == 'data: {"a":"x\u2028y"}\n\n'.encode()  # U+2028 ends no line
+    assert frame({"event": "done", "data": "a\nb\r\nc"}) == b"event: done\ndata: a\ndata: b\ndata: c\n\n"
+
+
+def _run_stream(events, receive_after=None, send_delay=0.0, **options):
+    """Drive an EventStream as uvicorn would: returns (messages sent, whether the events'
+    generator was closed). `receive_after`: seconds until the client disconnects."""
+    from localgemma.server.sse import EventStream
+
+    sent, closed = [], []
+
+    async def gen():
+        try:
+            async for item in events():
+                yield item
+        finally:
+            closed.append(True)
+
+    async def receive():
+        if receive_after is None:
+            await asyncio.sleep(3600)
+        await asyncio.sleep(receive_after)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message["body"].startswith(b"data") and send_delay:
+            await asyncio.sleep(send_delay)  # a client that stopped reading: the send never completes
+        sent.append(message)
+
+    async def main():
+        await asyncio.wait_for(EventStream(gen(), **options)({"type": "http", "method": "POST"}, receive, send), 5)
+
+    asyncio.run(main())
+    return sent, bool(closed)
+
+
+def test_an_event_stream_sends_each_event_then_ends_the_body():
+    async def events():
+        for i in range(3):
+            yield {"data": str(i)}
+
+    sent, closed = _run_stream(events)
+    assert sent[0]["status"] == 200 and (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    assert [m["body"] for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b""]
+    assert sent[-1]["more_body"] is False and closed
+
+
+def test_a_quiet_stream_pings_and_a_stalled_client_is_dropped():
+    async def slow():
+        yield {"data": "a"}
+        await asyncio.sleep(0.35)  # a long prompt: nothing to send for a while
+        yield {"data": "b"}
+
+    sent, closed = _run_stream(slow, ping=0.1, tick=0.02)
+    bodies = [m["body"] for m in sent[1:]]
+    assert bodies[0] == b"data: a\n\n" and b": ping\n\n" in bodies and bodies[-2:] == [b"data: b\n\n", b""]
+
+    async def many():
+        for i in range(100):
+            yield {"data": str(i)}
+
+    sent, closed = _run_stream(many, send_delay=3600, send_timeout=0.1, tick=0.02)
+    assert closed and len(sent) == 1  # only the start: the first event's send never finished
+
+
+def test_a_client_that_disconnects_closes_the_events():
+    async def endless():
+        while True:
+            await asyncio.sleep(0.01)
+            yield {"data": "x"}
+
+    sent, closed = _run_stream(endless, receive_after=0.1)
+    assert closed and 1 < len(sent) < 50 and all(m.get("more_body", True) for m in sent[1:])

@@ -1,19 +1,26 @@
 """Admission and generation threads.
 
-Generation is blocking C calls, so each request's generation runs in a thread of its own
-(`Job`), and its chunks reach the event loop through an asyncio queue without the thread
-ever waiting on the loop. Per model there is one line (`ModelQueue`): `slots` requests
-generate (1 with --exact; --parallel N with batching, where the runtime's batcher decodes them
-together), at most `max_queue` wait their turn on a FIFO semaphore, and the next one is
-refused at once with 429. Waiting happens on the event loop, not in threads, so a request
-that leaves the line (its client disconnected) costs nothing.
+Each request is a `Job`. Its preparation (validation, tokens, grammar; a model's first load)
+is blocking work, so it runs in a thread of the job's own. A request the batcher takes is then
+pushed (`Prepared.push`): the batch thread hands its chunks straight to the event loop, and the
+job's thread is done. One that runs alone (--exact, a seed, too big for the batch) is pulled
+in the job's thread, chunk by chunk. Either way the items reach the loop through the
+scheduler's `Mailbox`: whatever arrives together (a batch step's chunks for every stream)
+wakes the loop once, and no generating thread ever waits on the loop.
 
-Cancellation is a flag the job's thread checks between chunks: when set, the thread stops
-pulling, and closes the runtime's generator itself (a generator must not be closed from
+Per model there is one line (`ModelQueue`): `slots` requests generate (1 with --exact;
+--parallel N with batching, where the runtime's batcher decodes them together), at most
+`max_queue` wait their turn on a FIFO semaphore, and the next one is refused at once with 429.
+Waiting happens on the event loop, not in threads, so a request that leaves the line (its
+client disconnected) costs nothing.
+
+Cancellation: a pushed request is flagged for the batcher, which frees its sequence before
+the next step. A pulled one is a flag its thread checks between chunks: when set, the thread
+stops pulling and closes the runtime's generator itself (a generator must not be closed from
 another thread while it runs), which frees the engine for the next in line.
 
-A job's items are the runtime's: text Chunks (only for streams: a whole answer is gathered in
-the thread, so the event loop wakes once) and, last, the Result.
+A job's items are the runtime's: text Chunks (only for streams: a whole answer is gathered
+before the loop hears of it, so the event loop wakes once) and, last, the Result.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +38,7 @@ from localgemma.errors import LocalGemmaError, ModelUnavailable, QueueFull
 from localgemma.generation import Result
 from localgemma.runtime import Runtime
 
+log = logging.getLogger("localgemma.server")
 END = object()  # the job's last item: nothing follows
 
 
@@ -52,19 +61,52 @@ class JobStats:
         return asdict(self)
 
 
+class Mailbox:
+    """Calls from other threads onto one event loop. Those posted while a wake-up is pending
+    ride on it: however many arrive together, the loop wakes once (call_soon_threadsafe writes
+    to the loop's self-pipe on every call)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._calls: list[tuple[Callable, tuple]] = []
+
+    def post(self, fn: Callable, *args: Any) -> None:
+        with self._lock:
+            self._calls.append((fn, args))
+            if len(self._calls) > 1:
+                return  # a wake-up is pending: it takes this one too
+        try:
+            self.loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the event loop is gone (server shut down): nobody is listening
+            with self._lock:
+                self._calls.clear()
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, args in calls:
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - as asyncio does for a callback: log it, run the rest
+                log.exception("a call posted to the event loop failed")
+
+
 class Job:
-    """One request's generation, in its own thread; iterate it (async) for its items."""
+    """One request's generation; iterate it (async) for its items."""
 
     def __init__(self, runtime: Runtime, model: Optional[str], inputs: Any, stats: JobStats,
-                 on_exit: Callable[[], None], options: Optional[dict] = None):
+                 on_exit: Callable[[], None], mailbox: Mailbox, options: Optional[dict] = None):
         self.runtime, self.model, self.inputs, self.stats = runtime, model, inputs, stats
-        self.options = options or {}  # for Runtime.stream (logprobs)
-        self._loop = asyncio.get_running_loop()
+        self.options = options or {}  # for Runtime.open (logprobs)
+        self.stream = bool(getattr(inputs, "stream", False))
+        self._mailbox = mailbox
         self._items: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
         self._finished = threading.Event()
         self._complete = False  # the last chunk (the one with usage) has been produced
         self._on_exit = on_exit
+        self._stop_batched: Optional[Callable[[], None]] = None  # set once the batcher has it
 
     def start(self) -> None:
         self.stats.state, self.stats.started_at = "running", time.monotonic()
@@ -74,6 +116,8 @@ class Job:
         if not (self._finished.is_set() or self._cancel.is_set() or self._complete):
             self.stats.cancelled_at = time.monotonic()
             self._cancel.set()
+            if self._stop_batched is not None:
+                self._stop_batched()
 
     def join(self, timeout: float) -> bool:
         return self._finished.wait(timeout)
@@ -97,22 +141,56 @@ class Job:
     # -- the thread ------------------------------------------------------------------------
 
     def _work(self) -> None:
+        pushed = False
         try:
             if self._cancel.is_set():
                 return
-            items = self.runtime.stream(self.model, self.inputs, **self.options)
-            self._drain(items, bool(getattr(self.inputs, "stream", False)))
+            prepared = self.runtime.open(self.model, self.inputs, **self.options)
+            stop = prepared.push(self._take)
+            if stop is not None:  # the batch thread has it now; this thread is done
+                pushed, self._stop_batched = True, stop
+                if self._cancel.is_set():  # cancelled while it was handed over
+                    stop()
+                return
+            self._drain(prepared.run(prepared.generate()))
         except BaseException as exc:  # noqa: BLE001 - every failure is the request's answer
             self.stats.state = "failed"
             self._put(exc)
         finally:
-            self._finish()
+            if not pushed:
+                self._finish()
 
-    def _drain(self, items, stream: bool) -> None:
+    def _take(self, item: Any) -> None:
+        """A pushed request's items, in the batch thread: a Chunk or the Result; an exception
+        if it failed; None if it ended cancelled. Never raises (it would stop the batcher)."""
+        if self._finished.is_set():
+            return
+        try:
+            if item is None or isinstance(item, BaseException):
+                if item is not None:
+                    self.stats.state = "failed"
+                    self._put(item)
+                self._finish()
+                if item is not None and self._stop_batched is not None:
+                    self._stop_batched()  # failed before the batcher was done with it
+                return
+            self._count(item)
+            if self.stream or isinstance(item, Result):
+                self._put(item)
+            if isinstance(item, Result):
+                self._finish()
+        except BaseException as exc:  # noqa: BLE001 - the request's answer, not the batcher's problem
+            self.stats.state = "failed"
+            self._put(exc)
+            self._finish()
+            if self._stop_batched is not None:
+                self._stop_batched()
+
+    def _drain(self, items) -> None:
         try:
             for item in items:
                 self._count(item)
-                if stream or isinstance(item, Result):
+                if self.stream or isinstance(item, Result):
                     self._put(item)
                 if self._cancel.is_set():
                     break
@@ -134,13 +212,10 @@ class Job:
         self._call(self._on_exit)
 
     def _put(self, item: Any) -> None:
-        self._call(self._items.put_nowait, item)
+        self._mailbox.post(self._items.put_nowait, item)
 
     def _call(self, fn: Callable, *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            pass  # the event loop is gone (server shut down): nobody is listening
+        self._mailbox.post(fn, *args)
 
 
 class ModelQueue:
@@ -169,6 +244,7 @@ class Scheduler:
         self._active: set[Job] = set()
         self._ids = itertools.count(1)
         self.history: collections.deque[JobStats] = collections.deque(maxlen=history)
+        self._mailbox: Optional[Mailbox] = None
 
     def queue_for(self, model: Optional[str]) -> ModelQueue:
         key = _engine_key(model)
@@ -192,10 +268,17 @@ class Scheduler:
             stats.state, stats.ended_at = "cancelled", time.monotonic()
             queue.leave()
             raise
-        job = Job(self.runtime, model, inputs, stats, on_exit=lambda: self._release(queue, job), options=options)
+        job = Job(self.runtime, model, inputs, stats, on_exit=lambda: self._release(queue, job),
+                  mailbox=self._mailbox_here(), options=options)
         self._active.add(job)
         job.start()
         return job
+
+    def _mailbox_here(self) -> Mailbox:
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
     def _release(self, queue: ModelQueue, job: Job) -> None:
         self._active.discard(job)
