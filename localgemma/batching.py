@@ -27,7 +27,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterator, Optional
 
 from . import sampling
@@ -39,6 +39,7 @@ from .generation import Chunk, Decoder, GenerationRequest
 
 log = logging.getLogger("localgemma")
 FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set waits
+MIN_REUSE = 8  # a cached start shorter than this is not worth its cells (every prompt shares <bos>)
 # Prompts that arrive together are prefilled half at a time: each step takes (first come
 # first) prompts until it carries half the prompt tokens waiting. On a CPU, prefill costs about
 # the same per token in any batch past a few dozen tokens, and every step also pays a fixed
@@ -61,10 +62,21 @@ class _Sequence:
         self.cancelled = False
         self.seq = -1
         self.pos = 0  # tokens of this sequence in the KV cache
+        self.reuse: Optional[tuple[int, int]] = None  # (cached id, tokens) its prompt starts with
+        self.generated: list[int] = []  # sampled tokens fed back, in order (they follow the prompt)
 
     @property
     def need(self) -> int:
         return self.request.need
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.request.tokens
+
+    def in_kv(self) -> tuple[int, ...]:
+        """The tokens whose KV this sequence holds, in order."""
+        prompt = self.request.tokens
+        return prompt[:self.pos] if self.pos <= len(prompt) else prompt + tuple(self.generated[:self.pos - len(prompt)])
 
     def cancel(self) -> None:
         """From any thread: the loop frees the sequence before its next step (and emits None)."""
@@ -74,13 +86,24 @@ class _Sequence:
 class BatchPolicy:
     """Admission, fairness and adapter-set hand-over, as data: the loop asks it who runs."""
 
-    def __init__(self, parallel: int, n_ctx: int):
+    def __init__(self, parallel: int, n_ctx: int, keep: Optional[int] = None):
         self.parallel, self.n_ctx = parallel, n_ctx
         self.waiting: deque = deque()
         self.running: dict[int, object] = {}
         self.free = list(range(parallel))[::-1]
         self.group: Optional[tuple] = None  # the adapter set on the context
         self.steps = 0
+        # Prefix cache: finished sequences' KV kept under ids of their own (parallel and up), the
+        # least recently used first, for requests that start the same way (a chat's next turn).
+        self.keep = parallel if keep is None else keep
+        self.cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self.cache_free = list(range(parallel, parallel + self.keep))[::-1]
+        self.dropped: list[int] = []  # cached ids whose cells the loop must free, then forget
+
+    @property
+    def n_seq(self) -> int:
+        """Sequence ids the context must allow: the running ones and the cached ones."""
+        return self.parallel + self.keep
 
     def fits_alone(self, need: int) -> bool:
         return need <= self.n_ctx
@@ -95,10 +118,14 @@ class BatchPolicy:
 
     def admit(self) -> list:
         """Waiting requests of the current set that join now, each given a sequence id: first
-        come, first served while slots and KV cells last, unless another set is starving."""
+        come, first served while slots and KV cells last, unless another set is starving. A
+        joining request whose prompt starts as a cached sequence does gets `reuse` = (that
+        id, tokens shared); cached sequences are dropped, least recently used first, when a
+        request needs their cells (cells are counted as if none were shared: never too few)."""
         if self.running and self._starving():
             return []
         reserved = sum(r.need for r in self.running.values())
+        cached = sum(len(t) for t in self.cached.values())
         joined = []
         for req in list(self.waiting):
             if not self.free:
@@ -107,12 +134,55 @@ class BatchPolicy:
                 continue
             if reserved + req.need > self.n_ctx:
                 break  # no small request overtakes a big one of the same set
+            req.reuse = self._match(req.tokens)
+            while reserved + req.need + cached > self.n_ctx:
+                cached -= self._drop(next(iter(self.cached)))  # the loop copies `reuse` before it drops
             self.waiting.remove(req)
             req.seq = self.free.pop()
             self.running[req.seq] = req
             reserved += req.need
             joined.append(req)
         return joined
+
+    def keep_tokens(self, tokens: tuple[int, ...]) -> Optional[int]:
+        """A leaving sequence's KV (`tokens`, in order) is kept: the id the loop copies its cells
+        to (after freeing `dropped`), or None. Cached sequences it starts with go (it holds
+        all they do), and the least recently used one when all ids are taken."""
+        if len(tokens) < MIN_REUSE or not self.keep:
+            return None  # nothing could ever reuse it
+        for cid, old in list(self.cached.items()):
+            if tokens[:len(old)] == old:
+                self._drop(cid)
+        if not self.cache_free:
+            self._drop(next(iter(self.cached)))
+        cid = self.cache_free.pop()
+        self.cached[cid] = tokens
+        return cid
+
+    def forget(self) -> None:
+        """The context's memory was cleared (an adapter switch): nothing is cached any more."""
+        self.cached.clear()
+        self.cache_free = list(range(self.parallel, self.parallel + self.keep))[::-1]
+        self.dropped.clear()
+
+    def _match(self, prompt: tuple[int, ...]) -> Optional[tuple[int, int]]:
+        """(cached id, tokens shared) for the cached sequence sharing the longest start with
+        `prompt`, never all of it (its last token is decoded for the first sample); or None."""
+        best, most = None, MIN_REUSE - 1
+        for cid, tokens in self.cached.items():
+            n = shared_prefix(tokens, prompt, len(prompt) - 1)
+            if n > most:
+                best, most = cid, n
+        if best is None:
+            return None
+        self.cached.move_to_end(best)
+        return best, most
+
+    def _drop(self, cid: int) -> int:
+        tokens = self.cached.pop(cid)
+        self.dropped.append(cid)
+        self.cache_free.append(cid)
+        return len(tokens)
 
     @staticmethod
     def prefill(left: list[int], room: int) -> list[int]:
@@ -138,13 +208,30 @@ class BatchPolicy:
         return any(r.group != self.group and self.steps - r.since > FAIR_STEPS for r in self.waiting)
 
 
+def shared_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
+    """How many leading tokens `a` and `b` share, at most `limit` (slice compares run in C)."""
+    lo, hi = 0, max(0, min(len(a), len(b), limit))
+    if a[:hi] == b[:hi]:
+        return hi
+    hi -= 1
+    while lo < hi:  # the answer is in [lo, hi]: a[:lo] == b[:lo]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class Batcher:
     def __init__(self, engine: Engine, parallel: int, n_ctx: int):
         self.engine = engine
         self.parallel = parallel
+        self.keep = parallel  # finished sequences whose KV is kept for prompts that start the same way
         self._ctx = self._new_context(n_ctx)
         self.n_batch = engine.n_batch
-        self.policy = BatchPolicy(parallel, llama_cpp.llama_n_ctx(self._ctx))
+        self.policy = BatchPolicy(parallel, llama_cpp.llama_n_ctx(self._ctx), keep=self.keep)
+        self.reused_tokens = 0  # prompt tokens not prefilled thanks to the prefix cache, in all
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         # Adapter handles belong to the model, activation to a context: a cache of our own keeps
@@ -165,7 +252,7 @@ class Batcher:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = self.engine.n_batch
-        cparams.n_seq_max = self.parallel
+        cparams.n_seq_max = self.parallel + self.keep  # the running sequences, and the cached ones
         cparams.kv_unified = True  # one pool of cells: a long request may use what short ones leave
         self.engine.set_kv_type(cparams)
         cparams.n_threads = cparams.n_threads_batch = self.engine.n_threads
@@ -250,7 +337,9 @@ class Batcher:
                 group = policy.switch_to()
                 if group is not None:
                     self._switch(group)
-                policy.admit()
+                for req in policy.admit():
+                    self._reuse(req)
+                self._free_dropped()
                 self._busy = bool(policy.running)
             try:
                 if policy.running:
@@ -268,10 +357,28 @@ class Batcher:
             self.policy.waiting.remove(req)
             self._end(req, None)
 
+    def _reuse(self, req: _Sequence) -> None:
+        """A joining request starts from the cached KV its prompt shares (shared cells: the
+        unified KV cache gives a cell to several sequences, nothing is copied)."""
+        if req.reuse is not None:
+            cid, n = req.reuse
+            llama_cpp.llama_memory_seq_cp(self._mem, cid, req.seq, 0, n)
+            req.pos = n
+            self.reused_tokens += n
+
+    def _free_dropped(self) -> None:
+        for cid in self.policy.dropped:
+            llama_cpp.llama_memory_seq_rm(self._mem, cid, -1, -1)
+        self.policy.dropped.clear()
+
+    def _clear_memory(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, False)
+        self.policy.forget()
+
     def _switch(self, group: tuple) -> None:
         """Make `group` the context's adapter set. Nothing is running, so no KV computed under
         the old set survives (its cells are freed anyway, for good measure)."""
-        llama_cpp.llama_memory_clear(self._mem, False)
+        self._clear_memory()
         try:
             self.adapters.activate(self._ctx, group)
             self.policy.group = group
@@ -289,7 +396,7 @@ class Batcher:
             error = LocalGemmaError(f"llama_decode failed with code {rc} (out of context or memory)")
             with self._cv:
                 for req in list(self.policy.running.values()):
-                    self._leave(req, error)
+                    self._leave(req, error, keep=False)  # its KV is not known to be sound
             return
         # The step's chunks go out together once every row is sampled: a consumer that wakes
         # per delivery (an event loop) then wakes once per step, not once per sequence.
@@ -308,6 +415,7 @@ class Batcher:
         running = list(self.policy.running.values())
         for req in running:
             if req.pos >= len(req.request.tokens):
+                req.generated.append(req.decoder.last_token)
                 n = self._put(batch, n, req, req.decoder.last_token, True)
                 rows.append((req, n - 1))
         pending = [r for r in running if r.pos < len(r.request.tokens)]
@@ -341,7 +449,12 @@ class Batcher:
                 self._leave(req, None, emit=False)
             self._outbox.append((req, req.decoder.last()))
 
-    def _leave(self, req: _Sequence, item, emit: bool = True) -> None:
+    def _leave(self, req: _Sequence, item, emit: bool = True, keep: bool = True) -> None:
+        """The sequence leaves the batch; its KV is kept in the prefix cache (`keep`) or freed."""
+        cid = self.policy.keep_tokens(req.in_kv()) if keep else None
+        self._free_dropped()
+        if cid is not None:
+            llama_cpp.llama_memory_seq_cp(self._mem, req.seq, cid, -1, -1)
         llama_cpp.llama_memory_seq_rm(self._mem, req.seq, -1, -1)
         self.policy.leave(req)
         self._end(req, item, emit)
@@ -396,7 +509,7 @@ class Batcher:
                 for i, idx in rows:
                     row = llama_cpp.llama_get_logits_ith(self._ctx, idx)
                     out[i].append(np.ctypeslib.as_array(row, shape=(self.engine.n_vocab,)).copy())
-            llama_cpp.llama_memory_clear(self._mem, False)
+            self._clear_memory()
         return [np.stack(rows) for rows in out]
 
     # -- lifetime ---------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from localgemma.batching import FAIR_STEPS, BatchPolicy
+from localgemma.batching import FAIR_STEPS, MIN_REUSE, BatchPolicy, shared_prefix
 
 
 class Req:
-    def __init__(self, name: str, need: int = 10, group: tuple = (), since: int = 0):
+    def __init__(self, name: str, need: int = 10, group: tuple = (), since: int = 0, tokens: tuple = (1, 2)):
         self.name, self.need, self.group, self.since, self.seq = name, need, group, since, -1
+        self.tokens, self.reuse = tokens, None
 
     def __repr__(self):
         return self.name
@@ -90,3 +91,56 @@ def test_prompts_that_arrive_together_are_prefilled_half_at_a_time_first_come_fi
     assert prefill([13, 13, 13, 13], room=20) == [13, 7]
     assert prefill([13], room=0) == []
     assert prefill([], room=512) == []
+
+
+# -- prefix cache ---------------------------------------------------------------------------
+
+def test_shared_prefix_is_the_longest_common_start_within_the_limit():
+    a = tuple(range(100))
+    assert shared_prefix(a, a, 1000) == 100 and shared_prefix(a, a, 99) == 99
+    for k in (0, 1, 37, 63, 99):
+        b = a[:k] + (-1,) + a[k + 1:]
+        assert shared_prefix(a, b, 1000) == k
+    assert shared_prefix(a, a[:10], 1000) == 10 and shared_prefix((), a, 5) == 0 and shared_prefix(a, a, -1) == 0
+
+
+def test_a_finished_sequence_is_reused_by_a_prompt_that_starts_the_same_way():
+    policy = BatchPolicy(parallel=2, n_ctx=1000)
+    step(policy)
+    turn1 = tuple(range(1, 21))  # prompt and reply, as they are in the KV cache
+    cid = policy.keep_tokens(turn1)
+    assert cid >= policy.parallel and policy.n_seq == 4 and not policy.dropped
+    turn2 = Req("turn2", tokens=turn1 + (7, 8))
+    other = Req("other", tokens=turn1[:MIN_REUSE - 1] + (9, 9, 9))  # too little in common
+    policy.waiting.extend([turn2, other])
+    assert step(policy) == ["turn2", "other"]
+    assert turn2.reuse == (cid, 20) and other.reuse is None
+    same = Req("same", tokens=turn1)  # the whole prompt cached: its last token is still decoded
+    policy.waiting.append(same)
+    policy.leave(turn2)
+    assert step(policy) == ["same"] and same.reuse == (cid, 19)
+
+
+def test_cached_sequences_give_way_to_requests_and_to_longer_ones_of_their_own():
+    policy = BatchPolicy(parallel=2, n_ctx=100, keep=2)
+    step(policy)
+    a = policy.keep_tokens(tuple(range(30)))
+    b = policy.keep_tokens((7,) * 30)
+    assert policy.keep_tokens((1,) * (MIN_REUSE - 1)) is None and list(policy.cached) == [a, b]
+    longer = policy.keep_tokens(tuple(range(40)))  # holds all that `a` does: `a` goes
+    assert policy.dropped == [a] and list(policy.cached) == [b, longer]
+    policy.dropped.clear()
+    third = policy.keep_tokens((5,) * 10)  # no id left: the least recently used goes
+    assert policy.dropped == [b] and list(policy.cached) == [longer, third]
+    policy.dropped.clear()
+    # cells: 40 + 10 cached; a request needing 60 fits only once the cache makes room, and the
+    # sequence it reuses is the last to go (its cells are copied before anything is dropped)
+    big = Req("big", need=60, tokens=tuple(range(20)) + (99,))
+    policy.waiting.append(big)
+    assert step(policy) == ["big"] and big.reuse == (longer, 20)
+    assert policy.dropped == [third] and list(policy.cached) == [longer]
+    too_big = Req("too big", need=50)  # 60 running + 50 > 100 with no cache at all: it waits
+    policy.waiting.append(too_big)
+    assert step(policy) == [] and list(policy.cached) == [longer]
+    policy.forget()  # an adapter switch clears the memory
+    assert not policy.cached and len(policy.cache_free) == 2

@@ -223,6 +223,25 @@ def test_cancel_mid_batch_frees_the_sequence(engine):
         small.close()
 
 
+def test_a_next_turn_starts_from_the_cached_kv_and_answers_as_solo(engine):
+    small = Batcher(engine, parallel=2, n_ctx=1024)
+    try:
+        turn1 = ids(engine, "Count with me: 1, 2, 3, 4, 5, 6, 7, 8,")
+        reply = text_of(small.generate(req(turn1, 8)))
+        assert small.reused_tokens == 0 and len(small.policy.cached) == 1
+        turn2 = turn1 + engine.tokenize(reply) + engine.tokenize(" Again: 1, 2, 3, 4,")
+        answer = text_of(small.generate(req(turn2, 12)))
+        reused = small.reused_tokens
+        assert len(turn1) <= reused < len(turn2)  # the first turn, and the reply as far as it re-tokenizes
+        solo = text_of(engine.generate(req(turn2, 12)))
+        prefix, k = confident_prefix(engine, turn2, solo, ())
+        print(f"reused {reused} of {len(turn2)} prompt tokens; {answer!r} vs solo {solo!r}, sure for {k}")
+        assert k >= 4 and answer.startswith(prefix)
+        assert len(small.policy.cached) == 1  # the second turn holds all the first did: one entry
+    finally:
+        small.close()
+
+
 def test_batched_stream_equals_whole(batching_on):
     body = dict(RUN, temperature=0, prompt=PROMPTS[3], max_tokens=24)
     whole = localgemma.run(None, body)
