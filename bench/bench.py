@@ -12,6 +12,7 @@ so each figure is the best of several interleaved rounds.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -22,6 +23,16 @@ N_DECODE = 128
 N_CTX = 2048
 DECODE_PROMPT = "la la la la la la la la"  # greedy never stops here: every run decodes N tokens
 PREFILL_TEXT = "The history of the printing press begins in the fifteenth century. " * 40
+
+
+_VERSES = itertools.count(1)
+
+
+def unique_prompt() -> str:
+    """DECODE_PROMPT after "Verse N: ", N new each call: no two requests share more than a few
+    leading tokens, so neither side's prefix cache (localgemma's batch context, llama-server's
+    slots) answers for them, and a bench measures serving, not that cache."""
+    return f"Verse {next(_VERSES)}: {DECODE_PROMPT}"
 
 
 def row(name: str, ours: float, theirs: float, unit: str, higher_is_better: bool = True) -> None:

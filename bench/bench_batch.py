@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import N_DECODE, ROUNDS, row, setup  # noqa: E402
+from bench import N_DECODE, ROUNDS, row, setup, unique_prompt  # noqa: E402
 from bench_server import MODEL_ID, start_server  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
@@ -64,8 +64,9 @@ def _load(port: int, n: int) -> tuple[float, float]:
 
 def _stream(port: int, i: int, start: float) -> tuple[float, float, int]:
     """(first token, last token) seconds after `start`, and tokens, for one streamed request."""
-    # A different repetition per stream: greedy never stops on it, and no two prompts are equal.
-    body = {"prompt": "la " * (8 + i), "raw": True, "temperature": 0, "max_tokens": N_DECODE, "stream": True}
+    # A prompt of its own per request (greedy never stops on it): the batch context's prefix
+    # cache is not what this measures.
+    body = {"prompt": unique_prompt(), "raw": True, "temperature": 0, "max_tokens": N_DECODE, "stream": True}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     conn.request("POST", f"/client/v4/accounts/bench/ai/run/{MODEL_ID}", body=json.dumps(body),
                  headers={"Content-Type": "application/json"})

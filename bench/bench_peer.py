@@ -9,9 +9,10 @@ cells, one server at a time on loopback, streaming 128-token completions through
     p50 / p95 TTFT, N         over every request of the rounds at N streams
                                                               target: p50 at 8 <= llama-server's
 
-Every request has a prompt of its own ("Verse N: la la ..."): llama-server keeps each slot's
-last prompt and reuses it for a request that starts the same way, which with one repeated
-prompt would measure that cache rather than serving (localgemma's batch context keeps none).
+Every request has a prompt of its own ("Verse N: la la ...", bench.unique_prompt): both keep a
+prefix cache (llama-server each slot's last prompt, localgemma its batch context's finished
+sequences) and reuse it for a request that starts the same way, which with one repeated prompt
+would measure that cache rather than serving.
 
 llama-server is built from the llama.cpp that the installed llama-cpp-python vendors
 (bench/llama_server.py; bench only, cached per version and flags). Both get greedy decoding
@@ -24,7 +25,6 @@ can die of SIGILL where the VM advertises AMX); `make bench` runs it too.
 from __future__ import annotations
 
 import http.client
-import itertools
 import json
 import statistics
 import subprocess
@@ -34,13 +34,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import DECODE_PROMPT, N_DECODE, ROUNDS, row, setup  # noqa: E402
+from bench import N_DECODE, ROUNDS, row, setup, unique_prompt  # noqa: E402
 from bench_server import MODEL_ID, free_port, start_server, wait_ready  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
 PARALLEL = max(LEVELS)
 KV_CELLS = 8192  # both: one pool shared by the slots (llama-server: -c 8192 -np 8 --kv-unified)
-VERSES = itertools.count(1)  # each request's own prompt
 
 
 def peer_bench(path: str, threads: int) -> None:
@@ -119,7 +118,7 @@ def _load(port: int, model: str, n: int) -> tuple[float, list[float], float]:
 
 def _stream(port: int, model: str) -> tuple[int, float, float]:
     """(tokens, time to first token, first -> last token) for one streamed completion."""
-    body = json.dumps({"model": model, "prompt": f"Verse {next(VERSES)}: {DECODE_PROMPT}", "max_tokens": N_DECODE, "temperature": 0,
+    body = json.dumps({"model": model, "prompt": unique_prompt(), "max_tokens": N_DECODE, "temperature": 0,
                        "stream": True})
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)

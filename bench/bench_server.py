@@ -1,5 +1,7 @@
 """The server's cost: the same greedy stream through `localgemma serve` (HTTP + SSE) and
-in-process (`localgemma.runtime.run`), interleaved, best of several rounds.
+in-process (`localgemma.runtime.run`), interleaved, best of several rounds. Each request has a
+prompt of its own (bench.unique_prompt): the server's batch context keeps a prefix cache, and
+a repeated prompt would measure that instead of the server.
 
     TTFT           request sent -> first token received   target: HTTP - in-process <= 5 ms
     decode tok/s   tokens after the first / their time     target: HTTP / in-process >= 0.97
@@ -20,10 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import DECODE_PROMPT, N_DECODE, ROUNDS, row, setup  # noqa: E402
+from bench import N_DECODE, ROUNDS, row, setup, unique_prompt  # noqa: E402
 
 MODEL_ID = "@localgemma/bench"
-REQUEST = {"prompt": DECODE_PROMPT, "raw": True, "temperature": 0, "max_tokens": N_DECODE, "stream": True}
+REQUEST = {"raw": True, "temperature": 0, "max_tokens": N_DECODE, "stream": True}
 
 
 def server_bench(path: str, threads: int) -> None:
@@ -85,7 +87,7 @@ def wait_ready(proc: subprocess.Popen, port: int, name: str) -> tuple[subprocess
 def _http_stream(port: int) -> tuple[float, float]:
     """(time to first token, time from first to last token) for one streamed request, on a
     fresh connection (its connect time counts: a client pays it)."""
-    body = json.dumps(REQUEST)
+    body = json.dumps({**REQUEST, "prompt": unique_prompt()})
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", f"/client/v4/accounts/bench/ai/run/{MODEL_ID}", body=body,
@@ -103,23 +105,24 @@ def _http_stream(port: int) -> tuple[float, float]:
         first = first or last
         n += 1
     conn.close()
-    assert n == N_DECODE, f"expected {N_DECODE} text events, got {n}"
-    return first - start, last - first
+    assert n >= N_DECODE * 0.9, f"expected {N_DECODE} text events, got {n}"
+    return first - start, (last - first) / (n - 1) * (N_DECODE - 1)
 
 
 def _local_stream(path: str) -> tuple[float, float]:
     import localgemma
 
+    request = {**REQUEST, "prompt": unique_prompt()}
     start = time.perf_counter()
     first = last = None
     n = 0
-    for chunk in localgemma.run(path, REQUEST):
+    for chunk in localgemma.run(path, request):
         if chunk["response"]:
             last = time.perf_counter()
             first = first or last
             n += 1
-    assert n == N_DECODE, f"expected {N_DECODE} text chunks, got {n}"
-    return first - start, last - first
+    assert n >= N_DECODE * 0.9, f"expected {N_DECODE} text chunks, got {n}"
+    return first - start, (last - first) / (n - 1) * (N_DECODE - 1)
 
 
 def main() -> None:
