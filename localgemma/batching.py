@@ -86,7 +86,7 @@ class _Sequence:
 class BatchPolicy:
     """Admission, fairness and adapter-set hand-over, as data: the loop asks it who runs."""
 
-    def __init__(self, parallel: int, n_ctx: int, keep: Optional[int] = None):
+    def __init__(self, parallel: int, n_ctx: int, keep: Optional[int] = None, keep_cells: Optional[int] = None):
         self.parallel, self.n_ctx = parallel, n_ctx
         self.waiting: deque = deque()
         self.running: dict[int, object] = {}
@@ -96,6 +96,9 @@ class BatchPolicy:
         # Prefix cache: finished sequences' KV kept under ids of their own (parallel and up), the
         # least recently used first, for requests that start the same way (a chat's next turn).
         self.keep = parallel if keep is None else keep
+        # Cached cells are not free: every decode of every other sequence attends over the KV
+        # cache's used span (masked), so they are capped at half the context (README: Batched decoding).
+        self.keep_cells = n_ctx // 2 if keep_cells is None else keep_cells
         self.cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self.cache_free = list(range(parallel, parallel + self.keep))[::-1]
         self.dropped: list[int] = []  # cached ids whose cells the loop must free, then forget
@@ -147,14 +150,16 @@ class BatchPolicy:
     def keep_tokens(self, tokens: tuple[int, ...]) -> Optional[int]:
         """A leaving sequence's KV (`tokens`, in order) is kept: the id the loop copies its cells
         to (after freeing `dropped`), or None. Cached sequences it starts with go (it holds
-        all they do), and the least recently used one when all ids are taken."""
-        if len(tokens) < MIN_REUSE or not self.keep:
-            return None  # nothing could ever reuse it
+        all they do), and the least recently used ones while all ids are taken or the cached
+        cells would pass `keep_cells`."""
+        if len(tokens) < MIN_REUSE or not self.keep or len(tokens) > self.keep_cells:
+            return None  # nothing could ever reuse it, or it is too big to keep
         for cid, old in list(self.cached.items()):
             if tokens[:len(old)] == old:
                 self._drop(cid)
-        if not self.cache_free:
-            self._drop(next(iter(self.cached)))
+        cells = sum(len(t) for t in self.cached.values())
+        while self.cached and (not self.cache_free or cells + len(tokens) > self.keep_cells):
+            cells -= self._drop(next(iter(self.cached)))
         cid = self.cache_free.pop()
         self.cached[cid] = tokens
         return cid

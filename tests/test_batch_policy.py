@@ -122,7 +122,7 @@ def test_a_finished_sequence_is_reused_by_a_prompt_that_starts_the_same_way():
 
 
 def test_cached_sequences_give_way_to_requests_and_to_longer_ones_of_their_own():
-    policy = BatchPolicy(parallel=2, n_ctx=100, keep=2)
+    policy = BatchPolicy(parallel=2, n_ctx=100, keep=2, keep_cells=100)
     step(policy)
     a = policy.keep_tokens(tuple(range(30)))
     b = policy.keep_tokens((7,) * 30)
@@ -144,3 +144,13 @@ def test_cached_sequences_give_way_to_requests_and_to_longer_ones_of_their_own()
     assert step(policy) == [] and list(policy.cached) == [longer]
     policy.forget()  # an adapter switch clears the memory
     assert not policy.cached and len(policy.cache_free) == 2
+
+
+def test_cached_cells_stay_within_their_budget():
+    policy = BatchPolicy(parallel=4, n_ctx=1000)  # keeps at most half the context: 500 cells
+    step(policy)
+    assert policy.keep_cells == 500 and policy.keep_tokens((3,) * 501) is None
+    first = policy.keep_tokens((1,) * 200)
+    second = policy.keep_tokens((2,) * 200)
+    third = policy.keep_tokens((3,) * 200)  # 600 > 500: the least recently used goes
+    assert policy.dropped == [first] and list(policy.cached) == [second, third]
