@@ -8,6 +8,8 @@ last token plus prompt tokens, first come first (`BatchPolicy.prefill`). Each re
 its own sampler and reads its own logits row; the decode step is generation.Decoder, as on
 the engine. A request's chunks go to its `emit` once the step's rows are all sampled: to a
 queue its caller's thread reads (`generate`), or straight to an event loop (`submit`).
+Finished sequences' KV stays behind as a prefix cache (`BatchPolicy.keep_tokens`), which a
+request whose prompt starts the same way (a chat's next turn) shares instead of prefilling.
 
 Who runs, and when, is `BatchPolicy`'s: a pure object (no llama.cpp), tested on its own.
 llama.cpp applies LoRA adapters per context, so only requests with the same adapter set run
