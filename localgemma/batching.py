@@ -41,6 +41,7 @@ from .generation import Chunk, Decoder, GenerationRequest
 
 log = logging.getLogger("localgemma")
 FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set waits
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may have
 MIN_REUSE = 8  # a cached start shorter than this is not worth its cells (every prompt shares <bos>)
 # Prompts that arrive together are prefilled half at a time: each step takes (first come
 # first) prompts until it carries half the prompt tokens waiting. On a CPU, prefill costs about
@@ -234,7 +235,9 @@ class Batcher:
     def __init__(self, engine: Engine, parallel: int, n_ctx: int):
         self.engine = engine
         self.parallel = parallel
-        self.keep = parallel  # finished sequences whose KV is kept for prompts that start the same way
+        # finished sequences whose KV is kept for prompts that start the same way: as many as run,
+        # within llama.cpp's limit on sequence ids
+        self.keep = max(0, min(parallel, MAX_SEQ - parallel))
         self._ctx = self._new_context(n_ctx)
         self.n_batch = engine.n_batch
         self.policy = BatchPolicy(parallel, llama_cpp.llama_n_ctx(self._ctx), keep=self.keep)

@@ -43,7 +43,8 @@ class Settings(BaseModel):
     # -- serving ------------------------------------------------------------------------------
     exact: bool = Field(False, description="one request at a time per model, every answer exactly the "
                                            "solo one (no batching)")
-    parallel: int = Field(4, ge=1, description="requests per model decoded together in one batch")
+    parallel: int = Field(4, ge=1, le=128, description="requests per model decoded together in one batch (llama.cpp "
+                                                       "allows 256 sequences: as many again hold the prefix cache)")
     batch_ctx: int = Field(4096, ge=256, description="KV cells (tokens) shared by a model's batched requests; a "
                                                      "request too big for them runs alone")
     host: str = Field("127.0.0.1", description="address to listen on; anything but loopback exposes the "

@@ -35,6 +35,7 @@ def test_flags_win_over_variables_and_variables_over_defaults(env):
     ("LOCALGEMMA_N_CTX", "32", "greater than or equal to 64"),
     ("LOCALGEMMA_KV_TYPE", "q3", "'f16', 'q8_0' or 'q4_0'"),
     ("LOCALGEMMA_PORT", "70000", "less than or equal to 65535"),
+    ("LOCALGEMMA_PARALLEL", "129", "less than or equal to 128"),
     ("LOCALGEMMA_VERBOSE", "maybe", "valid boolean"),
     ("LOCALGEMMA_API_KEY", " ", "the key is empty"),
     ("LOCALGEMMA_CORS_ORIGINS", "https://a.example", "not JSON"),
