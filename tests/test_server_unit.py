@@ -327,11 +327,34 @@ def test_a_pushed_failure_mid_stream_is_raised_and_frees_the_line(monkeypatch):
         with pytest.raises(InvalidInput, match="boom"):
             await job.get()
         assert await job.get() is queue.END
-        await asyncio.sleep(0)
-        return got, job, sched.queue_for("m").admitted
+        return got, job, sched.queue_for("m").admitted  # freed before END was read
 
     got, job, admitted = asyncio.run(main())
     assert got == [Chunk("0"), Chunk("1")] and job.stats.state == "failed" and admitted == 0
+
+
+def test_a_request_that_fails_while_being_handed_to_the_batcher_is_stopped_there(monkeypatch):
+    monkeypatch.setattr(queue, "_engine_key", lambda model: model)
+    stopped = threading.Event()
+
+    def push(emit):  # the batch thread can emit before push has returned
+        emit(Chunk("0"))
+        emit(InvalidInput("boom: at once"))
+        return stopped.set
+
+    runtime = SimpleNamespace(open=lambda model, inputs: SimpleNamespace(push=push))
+
+    async def main():
+        sched = queue.Scheduler(runtime, max_queue=0)
+        job = await sched.start("m", ask(stream=True))
+        first = await job.get()
+        with pytest.raises(InvalidInput, match="at once"):
+            await job.get()
+        return first, await job.get(), job
+
+    first, last, job = asyncio.run(main())
+    assert first == Chunk("0") and last is queue.END and job.stats.state == "failed"
+    assert stopped.wait(5)  # the batcher is told, or it would decode to max_tokens for nobody
 
 
 def test_mailbox_wakes_the_loop_once_for_what_arrives_together():

@@ -99,7 +99,6 @@ class Job:
                  on_exit: Callable[[], None], mailbox: Mailbox, options: Optional[dict] = None):
         self.runtime, self.model, self.inputs, self.stats = runtime, model, inputs, stats
         self.options = options or {}  # for Runtime.open (logprobs)
-        self.stream = bool(getattr(inputs, "stream", False))
         self._mailbox = mailbox
         self._items: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
@@ -141,23 +140,21 @@ class Job:
     # -- the thread ------------------------------------------------------------------------
 
     def _work(self) -> None:
-        pushed = False
         try:
             if self._cancel.is_set():
                 return
             prepared = self.runtime.open(self.model, self.inputs, **self.options)
             stop = prepared.push(self._take)
             if stop is not None:  # the batch thread has it now; this thread is done
-                pushed, self._stop_batched = True, stop
-                if self._cancel.is_set():  # cancelled while it was handed over
+                self._stop_batched = stop
+                if self._cancel.is_set() or self._finished.is_set():  # while it was handed over
                     stop()
                 return
             self._drain(prepared.run(prepared.generate()))
         except BaseException as exc:  # noqa: BLE001 - every failure is the request's answer
-            self.stats.state = "failed"
-            self._put(exc)
+            self._fail(exc)
         finally:
-            if not pushed:
+            if self._stop_batched is None:
                 self._finish()
 
     def _take(self, item: Any) -> None:
@@ -166,36 +163,36 @@ class Job:
         if self._finished.is_set():
             return
         try:
-            if item is None or isinstance(item, BaseException):
-                if item is not None:
-                    self.stats.state = "failed"
-                    self._put(item)
-                self._finish()
-                if item is not None and self._stop_batched is not None:
-                    self._stop_batched()  # failed before the batcher was done with it
-                return
-            self._count(item)
-            if self.stream or isinstance(item, Result):
-                self._put(item)
-            if isinstance(item, Result):
-                self._finish()
+            if isinstance(item, BaseException):
+                self._fail(item)
+            elif item is not None:
+                self._deliver(item)
+                if not isinstance(item, Result):
+                    return
         except BaseException as exc:  # noqa: BLE001 - the request's answer, not the batcher's problem
-            self.stats.state = "failed"
-            self._put(exc)
-            self._finish()
-            if self._stop_batched is not None:
-                self._stop_batched()
+            self._fail(exc)
+        self._finish()
+        if self.stats.state == "failed" and self._stop_batched is not None:
+            self._stop_batched()  # it may have failed before the batcher was done with it
 
     def _drain(self, items) -> None:
         try:
             for item in items:
-                self._count(item)
-                if self.stream or isinstance(item, Result):
-                    self._put(item)
+                self._deliver(item)
                 if self._cancel.is_set():
                     break
         finally:
             items.close()  # here, in the generating thread: releases the engine at once
+
+    def _deliver(self, item: Any) -> None:
+        """A text chunk (streams only: a whole answer is gathered) or the Result, to the loop."""
+        self._count(item)
+        if self.stats.stream or isinstance(item, Result):
+            self._put(item)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.stats.state = "failed"
+        self._put(exc)
 
     def _count(self, item: Any) -> None:
         self._complete = isinstance(item, Result)
@@ -208,14 +205,12 @@ class Job:
             self.stats.state = "cancelled" if self._cancel.is_set() else "done"
         self.stats.ended_at = time.monotonic()
         self._finished.set()
+        self._mailbox.post(self._on_exit)  # first: by the time END is read, the line is free again
         self._put(END)
-        self._call(self._on_exit)
 
     def _put(self, item: Any) -> None:
         self._mailbox.post(self._items.put_nowait, item)
 
-    def _call(self, fn: Callable, *args: Any) -> None:
-        self._mailbox.post(fn, *args)
 
 
 class ModelQueue:

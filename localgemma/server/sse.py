@@ -72,7 +72,6 @@ class EventStream(Response):
     that stopped reading). A stream with nothing to send for `ping` seconds sends a comment, so
     proxies keep the connection open while a long prompt is read."""
 
-    media_type = "text/event-stream"
     raw = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
            (b"connection", b"keep-alive"), (b"x-accel-buffering", b"no")]
 
