@@ -44,12 +44,14 @@ FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set wa
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may have
 MIN_REUSE = 8  # a cached start shorter than this is not worth its cells (every prompt shares <bos>)
 # Prompts that arrive together are prefilled half at a time: each step takes (first come
-# first) prompts until it carries half the prompt tokens waiting. On a CPU, prefill costs about
-# the same per token in any batch past a few dozen tokens, and every step also pays a fixed
-# cost (the weights read once, the decoding sequences' tokens); so one step for all delays
-# every first token until the last prompt is done, one step each pays the fixed cost per
-# prompt, and halves put the first half's first tokens out at about half the time, the rest
-# no later than all-at-once plus one step. Measured in the README's performance section.
+# first) prompts until it carries half the prompt tokens waiting, and the next step takes every
+# prompt the previous one passed over. On a CPU, prefill costs about the same per token in any
+# batch past a few dozen tokens, and every step also pays a fixed cost (the weights read once,
+# the decoding sequences' tokens); so one step for all delays every first token until the last
+# prompt is done, one step each pays the fixed cost per prompt, and halves put the first half's
+# first tokens out at about half the time, the rest no later than all-at-once plus one step.
+# Halving the rest again would put the last prompt's first token a step later each time.
+# Measured in the README's performance section.
 
 
 class _Sequence:
@@ -65,6 +67,7 @@ class _Sequence:
         self.cancelled = False
         self.seq = -1
         self.pos = 0  # tokens of this sequence in the KV cache
+        self.passed = False  # its prompt was waiting to be prefilled when a step ran
         self.reuse: Optional[tuple[int, int]] = None  # (cached id, tokens) its prompt starts with
         self.generated: list[int] = []  # sampled tokens fed back, in order (they follow the prompt)
 
@@ -193,11 +196,12 @@ class BatchPolicy:
         return len(tokens)
 
     @staticmethod
-    def prefill(left: list[int], room: int) -> list[int]:
+    def prefill(left: list[int], room: int, owed: int = 0) -> list[int]:
         """How many tokens of each unfinished prompt (in admission order; `left`: tokens still
         to prefill) this step takes, with `room` slots left in the batch: first come first,
-        each prompt whole while it fits, until half the waiting prompt tokens are in."""
-        goal = (sum(left) + 1) // 2
+        each prompt whole while it fits, until half the waiting prompt tokens are in, and at
+        least the first `owed` prompts (those an earlier step passed over) whole."""
+        goal = max((sum(left) + 1) // 2, sum(left[:owed]))
         takes: list[int] = []
         total = 0
         for need in left:
@@ -430,7 +434,11 @@ class Batcher:
                 rows.append((req, n - 1))
         pending = [r for r in running if r.pos < len(r.request.tokens)]
         room = self.n_batch - n
-        for req, take in zip(pending, self.policy.prefill([len(r.request.tokens) - r.pos for r in pending], room)):
+        owed = sum(r.passed for r in pending)  # passed over before: the first ones, by admission
+        takes = self.policy.prefill([len(r.request.tokens) - r.pos for r in pending], room, owed)
+        for req in pending:
+            req.passed = True
+        for req, take in zip(pending, takes):
             prompt = req.request.tokens
             for _ in range(take):
                 last = req.pos == len(prompt) - 1

@@ -75,10 +75,16 @@ def test_a_set_that_keeps_another_waiting_hands_over():
 
 def test_prompts_that_arrive_together_are_prefilled_half_at_a_time_first_come_first():
     prefill = BatchPolicy.prefill
-    # a wave of eight 16-token prompts: four, then the other four
+    # a wave of eight 16-token prompts: four, then the other four (all owed: passed over once),
+    # not two and two more, which would put the last first token a step later
     assert prefill([16] * 8, room=512) == [16] * 4
+    assert prefill([16] * 4, room=508, owed=4) == [16] * 4
     assert prefill([16] * 4, room=508) == [16] * 2
     assert prefill([16] * 7, room=511) == [16] * 4  # half rounded up
+    # owed prompts come first; newcomers behind them fill up to half of all that waits
+    assert prefill([16] * 3 + [16] * 5, room=505, owed=3) == [16] * 4
+    assert prefill([16] * 2 + [16] * 2, room=506, owed=2) == [16] * 2
+    assert prefill([16] * 3, room=20, owed=3) == [16, 4]  # the room still bounds them
     assert prefill([16], room=510) == [16]
     # a long prompt alone is taken whole, up to the batch's room: its first token is not delayed
     assert prefill([900], room=512) == [512]

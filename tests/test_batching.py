@@ -205,6 +205,37 @@ def test_seeded_and_exact_requests_equal_solo(batching_on):
     assert exact == [localgemma.run(None, r)["response"] for r in plain[3:]]
 
 
+def test_prompts_that_arrive_together_all_start_within_two_steps(engine):
+    """Half the prompt tokens in the first step, every other prompt in the second: the last
+    first token comes one step after the first ones, not a step later per halving."""
+    wave = Batcher(engine, parallel=8, n_ctx=2048)
+    steps = []
+    fill = wave._fill
+
+    def recorded():
+        rows = fill()
+        steps.append((wave._batch.n_tokens, len(rows)))
+        return rows
+
+    wave._fill = recorded
+    try:
+        firsts = {}
+        with wave._cv:  # the loop admits all eight at once
+            for i, prompt in enumerate(PROMPTS):
+                wave.submit(req(ids(engine, prompt), 3),
+                            lambda item, i=i: firsts.setdefault(i, len(steps)))
+        deadline = time.monotonic() + 60
+        while len(firsts) < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        prompt_tokens = sum(len(ids(engine, p)) for p in PROMPTS)
+        first = steps[0][1]  # prompts whole in step 1, first come first, until half the tokens
+        assert 0 < first < 8 and prompt_tokens / 2 <= steps[0][0] < prompt_tokens, steps
+        assert sorted(firsts.values()) == [1] * first + [2] * (8 - first), steps  # chunks follow their step
+        assert steps[1] == (prompt_tokens - steps[0][0] + first, 8), steps  # the rest, and the decoding
+    finally:
+        wave.close()
+
+
 def test_cancel_mid_batch_frees_the_sequence(engine):
     small = Batcher(engine, parallel=2, n_ctx=1024)
     try:
