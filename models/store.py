@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -45,14 +46,34 @@ def _bindings_file() -> Path:
 _process_bindings: dict[str, str] = {}
 
 
+# The bindings file as last read, by its stat: a server resolves the model several times per
+# request, and a stat costs a tenth of reading and parsing the file. `bind` renames a new file
+# over it (a new inode); an edit in place changes the mtime (only a same-size edit within one
+# tick of the file system's clock of the last read would go unseen).
+_saved: tuple = (None, {})
+
+
 def _saved_bindings() -> dict[str, str]:
+    global _saved
     path = _bindings_file()
-    if not path.exists():
-        return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelUnavailable(f"{path} is unreadable ({exc}); fix or delete it") from None
+        st = path.stat()
+    except OSError:
+        return {}
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    seen, table = _saved
+    if seen != key:
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelUnavailable(f"{path} is unreadable ({exc}); fix or delete it") from None
+        _saved = (key, table)
+    return dict(table)
+
+
+def served_here(model_id: str) -> bool:
+    """Whether this process bound `model_id` (`serve --model ID=PATH`)."""
+    return model_id in _process_bindings
 
 
 def bindings() -> dict[str, str]:
@@ -161,12 +182,23 @@ def local_path(model_id: Optional[str]) -> Optional[Path]:
         return None
 
 
+# Files whose magic was read, by their stat then: the file is not opened again per request.
+_checked: dict[str, tuple] = {}
+
+
 def _check_gguf(path: Path, *, what: str) -> Path:
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise ModelUnavailable(f"{what}: no file at {path}")
-    with path.open("rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ModelUnavailable(f"{what}: {path} is not a GGUF file (it does not start with 'GGUF')")
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if _checked.get(str(path)) != key:
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelUnavailable(f"{what}: {path} is not a GGUF file (it does not start with 'GGUF')")
+        _checked[str(path)] = key
     return path
 
 

@@ -1,5 +1,6 @@
 """Model ids, paths, bindings, downloads that cannot happen, and the memory check."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,32 @@ def test_bind_a_workers_ai_id_to_a_local_file(home, fake_gguf):
     models.unbind("@cf/google/gemma-2b-it-lora")
     with pytest.raises(UnknownModel, match="not bound"):
         models.unbind("@cf/google/gemma-2b-it-lora")
+
+
+def test_a_file_changed_under_a_running_process_is_seen(home, fake_gguf, tmp_path):
+    """Bindings and checked GGUF files are remembered by their stat (a server resolves the
+    model on every request): a binding made by another process, and a file that stopped
+    being a GGUF, are seen on the next call."""
+    two_b, seven_b = "@cf/google/gemma-2b-it-lora", "@cf/google/gemma-7b-it-lora"
+    models.bind(two_b, fake_gguf)
+    table = models.bindings()
+    table.pop(two_b)  # what a caller does with the dict is its own business
+    assert models.resolve(two_b) == fake_gguf.resolve()
+    # another process rewrites the file in place (`models bind` renames a new one over it)
+    (home / "bindings.json").write_text(json.dumps({seven_b: str(fake_gguf)}))
+    assert seven_b in models.bindings() and two_b not in models.bindings()
+    with pytest.raises(ModelUnavailable, match="not downloaded"):
+        models.resolve(two_b, download=False)
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(fake_gguf.read_bytes()[:4096])
+    assert models.resolve(str(model)) == model
+    model.write_bytes(b"GGML" + b"\0" * 100)  # replaced in place by something else
+    with pytest.raises(ModelUnavailable, match="is not a GGUF file"):
+        models.resolve(str(model))
+    model.unlink()
+    with pytest.raises(ModelUnavailable, match="no file at"):
+        models.resolve(str(model))
 
 
 def test_bind_refuses_a_missing_file(home, tmp_path):

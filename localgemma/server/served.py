@@ -25,8 +25,10 @@ def servable() -> list[str]:
 def check_model(model: str) -> str:
     """`model` if this server answers for it; else why not, and what to do. File paths are not
     models over HTTP (they would let any client load any file on this machine)."""
-    from localgemma.models import CATALOG
+    from localgemma.models import CATALOG, EMBEDDED_ID, served_here
 
+    if model == EMBEDDED_ID or served_here(model):
+        return model  # in servable() whatever else is bound or downloaded: no files read
     ids = servable()
     if model in ids:
         return model
