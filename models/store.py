@@ -65,8 +65,10 @@ def _saved_bindings() -> dict[str, str]:
     if seen != key:
         try:
             table = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelUnavailable(f"{path} is unreadable ({exc}); fix or delete it") from None
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise ModelUnavailable(f"{path} is not a table of model ids to .gguf paths; fix or delete it")
         _saved = (key, table)
     return dict(table)
 

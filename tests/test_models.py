@@ -66,6 +66,12 @@ def test_a_file_changed_under_a_running_process_is_seen(home, fake_gguf, tmp_pat
     with pytest.raises(ModelUnavailable, match="not downloaded"):
         models.resolve(two_b, download=False)
 
+    for bad in ("[1, 2]", '{"x": 3}', "{", "\udcff"):  # not a table of ids to paths: said, not a crash
+        (home / "bindings.json").write_text(bad, errors="surrogateescape")
+        with pytest.raises(ModelUnavailable, match="bindings.json"):
+            models.bindings()
+    (home / "bindings.json").unlink()
+
     model = tmp_path / "model.gguf"
     model.write_bytes(fake_gguf.read_bytes()[:4096])
     assert models.resolve(str(model)) == model
