@@ -1,12 +1,18 @@
-"""LoRA rows for `make bench`: adapter load and switch time, and decode speed with a rank-8
-adapter on all seven projections against the bare base and against the adapter merged in.
+"""LoRA rows for `make bench`: registering a PEFT adapter (`localgemma convert lora` and
+`localgemma finetune create`, each a fresh process: wall time and peak RSS), adapter load and
+switch time, and decode speed with a rank-8 adapter on all seven projections against the bare
+base and against the adapter merged in.
 
-Targets: switch <= 5 ms; adapter decode >= 0.85x base; merged decode >= 0.97x base.
+Targets: convert / create of the ~7.5 MB adapter <= 1 s and <= 150 MB; switch <= 5 ms;
+adapter decode >= 0.85x base; merged decode >= 0.97x base.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +36,49 @@ def decode_rate(engine, ids, adapters=()) -> float:
     return (N_DECODE - 1) / (time.perf_counter() - start)
 
 
+# Runs one command as its only child: its wall time (process start included) and peak RSS.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+wall = time.perf_counter() - start
+if done.returncode:
+    sys.exit(done.stderr.decode()[-2000:])
+print(json.dumps([wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))
+"""
+
+
+def _measure(command: list[str], env: dict) -> tuple[float, float]:
+    """(wall s, peak RSS MiB) of `command` in a process of its own."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *command], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(command[:3])} failed: {out.stderr.strip()}")
+    wall, rss = json.loads(out.stdout)
+    return wall, rss
+
+
+def registration_rows(path: str, peft: Path, tmp: Path, rounds: int) -> None:
+    """`convert lora` and `finetune create` of `peft` on the base `path`, as a user runs them."""
+    from servers import home_with_model
+
+    from localgemma.models import EMBEDDED_ID
+
+    cli = Path(sys.executable).with_name("localgemma")
+    cli_cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "localgemma"]
+    home = home_with_model(tmp / "home", Path(path).resolve())
+    env = {**os.environ, "LOCALGEMMA_HOME": str(home)}
+    size_mb = sum(f.stat().st_size for f in peft.iterdir()) / 2**20
+    runs = {"convert": [], "create": []}
+    for i in range(rounds):
+        runs["convert"].append(_measure([*cli_cmd, "convert", "lora", str(peft), "--base", path,
+                                         "-o", str(tmp / f"convert{i}.gguf")], env))
+        runs["create"].append(_measure([*cli_cmd, "finetune", "create", EMBEDDED_ID, f"bench-{i}", str(peft)], env))
+    for name, label in (("convert", "convert lora"), ("create", "finetune create")):
+        wall, rss = min(w for w, _ in runs[name]), max(r for _, r in runs[name])
+        print(f"{f'{label} ({size_mb:.1f} MB): wall':34} {wall:10.2f} {'':>18} s      target <= 1")
+        print(f"{f'{label}: peak RSS':34} {rss:10.1f} {'':>18} MiB    target <= 150")
+
+
 def lora_bench(path: str, threads: int, rounds: int = 3) -> None:
     import llama_cpp
 
@@ -46,6 +95,7 @@ def lora_bench(path: str, threads: int, rounds: int = 3) -> None:
             peft = make_peft_adapter(tmp / f"peft{seed}", path, targets=ALL, rank=8, seed=seed)
             ggufs.append(str(peft_to_gguf(peft, path, tmp / f"adapter{seed}.gguf").out_path))
         merged = merge(path, [(ggufs[0], 1.0)], tmp / "merged.gguf").out_path
+        registration_rows(path, tmp / "peft1", tmp, rounds)
 
         engine = Engine(path, n_ctx=1024, n_threads=threads)
         loads = []
