@@ -38,10 +38,10 @@ from .bindings import llama_cpp
 from .engine import Engine
 from .errors import InsufficientMemory, LocalGemmaError
 from .generation import Chunk, Decoder, GenerationRequest
+from .memory import cached_sequences
 
 log = logging.getLogger("localgemma")
 FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set waits
-MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may have
 MIN_REUSE = 8  # a cached start shorter than this is not worth its cells (every prompt shares <bos>)
 # Prompts that arrive together are prefilled half at a time: each step takes (first come
 # first) prompts until it carries half the prompt tokens waiting, and the next step takes every
@@ -108,11 +108,6 @@ class BatchPolicy:
         self.cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self.cache_free = list(range(parallel, parallel + self.keep))[::-1]
         self.dropped: list[int] = []  # cached ids whose cells the loop must free, then forget
-
-    @property
-    def n_seq(self) -> int:
-        """Sequence ids the context must allow: the running ones and the cached ones."""
-        return self.parallel + self.keep
 
     def fits_alone(self, need: int) -> bool:
         return need <= self.n_ctx
@@ -239,9 +234,9 @@ class Batcher:
     def __init__(self, engine: Engine, parallel: int, n_ctx: int):
         self.engine = engine
         self.parallel = parallel
-        # finished sequences whose KV is kept for prompts that start the same way: as many as run,
-        # within llama.cpp's limit on sequence ids
-        self.keep = max(0, min(parallel, MAX_SEQ - parallel))
+        # finished sequences whose KV is kept for prompts that start the same way (the memory
+        # estimate counts their sequence ids too)
+        self.keep = cached_sequences(parallel)
         self._ctx = self._new_context(n_ctx)
         self.n_batch = engine.n_batch
         self.policy = BatchPolicy(parallel, llama_cpp.llama_n_ctx(self._ctx), keep=self.keep)

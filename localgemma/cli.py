@@ -263,7 +263,7 @@ def info(as_json):
             continue
         n_ctx = settings.n_ctx or spec.n_ctx
         run = memory.estimate(shape, [memory.Context(n_ctx)], settings.kv_type)
-        serve = memory.estimate(shape, [memory.Context(n_ctx), memory.Context(settings.batch_ctx, settings.parallel)],
+        serve = memory.estimate(shape, [memory.Context(n_ctx), memory.batch_context(settings.batch_ctx, settings.parallel)],
                                 settings.kv_type)
         largest = memory.largest_context(shape, available, settings.kv_type) if available else None
         estimates[model_id] = {"run": run.to_dict(), "serve": serve.to_dict(), "here": path is not None,

@@ -56,7 +56,21 @@ class Shape:
 @dataclass(frozen=True)
 class Context:
     n_ctx: int
-    n_seq: int = 1
+    n_seq: int = 1  # sequence ids: llama.cpp keeps a logits row (n_vocab floats) for each
+
+
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may have
+
+
+def cached_sequences(parallel: int) -> int:
+    """Finished sequences a batch context for `parallel` requests keeps as its prefix cache
+    (batching.py), each under a sequence id of its own: as many as run, within MAX_SEQ."""
+    return max(0, min(parallel, MAX_SEQ - parallel))
+
+
+def batch_context(n_ctx: int, parallel: int) -> Context:
+    """The batcher's context: `n_ctx` cells, the running sequences' ids and the cached ones'."""
+    return Context(n_ctx, parallel + cached_sequences(parallel))
 
 
 @dataclass(frozen=True)

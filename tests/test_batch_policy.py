@@ -115,7 +115,7 @@ def test_a_finished_sequence_is_reused_by_a_prompt_that_starts_the_same_way():
     step(policy)
     turn1 = tuple(range(1, 21))  # prompt and reply, as they are in the KV cache
     cid = policy.keep_tokens(turn1)
-    assert cid >= policy.parallel and policy.n_seq == 4 and not policy.dropped
+    assert policy.parallel <= cid < policy.parallel + policy.keep == 4 and not policy.dropped
     turn2 = Req("turn2", tokens=turn1 + (7, 8))
     other = Req("other", tokens=turn1[:MIN_REUSE - 1] + (9, 9, 9))  # too little in common
     policy.waiting.extend([turn2, other])

@@ -205,6 +205,16 @@ def test_seeded_and_exact_requests_equal_solo(batching_on):
     assert exact == [localgemma.run(None, r)["response"] for r in plain[3:]]
 
 
+def test_the_batch_context_has_the_sequence_ids_the_memory_estimate_counts(batcher):
+    """llama.cpp keeps a logits row per sequence id (1 MiB each on a 262k vocabulary): the
+    running ones and the prefix cache's, as runtime.plan and `localgemma info` count them."""
+    from localgemma import memory
+    from localgemma.bindings import llama_cpp
+
+    planned = memory.batch_context(batcher.policy.n_ctx, batcher.parallel)
+    assert llama_cpp.llama_n_seq_max(batcher._ctx) == planned.n_seq == 2 * batcher.parallel
+
+
 def test_prompts_that_arrive_together_all_start_within_two_steps(engine):
     """Half the prompt tokens in the first step, every other prompt in the second: the last
     first token comes one step after the first ones, not a step later per halving."""

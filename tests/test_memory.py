@@ -116,6 +116,16 @@ def bound(fake_gguf):
     models.unbind(TWO_B)
 
 
+def test_a_batch_context_counts_its_cached_sequences():
+    """The prefix cache keeps as many finished sequences as run, each with a logits row of its
+    own in llama.cpp, within its 256 sequence ids."""
+    assert memory.batch_context(4096, 4) == memory.Context(4096, 8)
+    assert memory.batch_context(4096, 128).n_seq == 256 and memory.batch_context(4096, 200).n_seq == 256
+    per_row = GEMMA_270M.n_vocab * 4
+    assert (memory.estimate(GEMMA_270M, [memory.batch_context(4096, 4)]).compute
+            - memory.estimate(GEMMA_270M, [memory.Context(4096, 4)]).compute) == 4 * per_row
+
+
 def test_the_runtime_refuses_before_loading(bound, tiny_memory):
     runtime = Runtime(current(n_ctx=8192), exact=True)
     with pytest.raises(InsufficientMemory, match="what would fit"):
