@@ -69,7 +69,7 @@ def peer_bench(path: str, threads: int) -> None:
                     r["ttft"][n] += ttfts
                     if n == 1:
                         r["decode"] = max(r["decode"], decode)
-                r["first"] += [_first_token(port, model) for _ in range(FIRSTS)]
+                r["first"] += [_stream(port, model, max_tokens=4)[1] for _ in range(FIRSTS)]
             finally:
                 proc.terminate()
                 proc.wait(15)
@@ -122,29 +122,9 @@ def _load(port: int, model: str, n: int) -> tuple[float, list[float], float]:
     return tokens / wall, [r[1] for r in out], (first[0] - 1) / first[2]
 
 
-def _first_token(port: int, model: str) -> float:
-    """Time to the first streamed token of a short completion, alone on the server."""
-    body = json.dumps({"model": model, "prompt": unique_prompt(), "max_tokens": 4, "temperature": 0, "stream": True})
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200, response.read()[:300]
-    first = None
-    for raw in response:
-        line = raw.strip()
-        if first is None and line.startswith(b"data: {"):
-            event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0].get("text"):
-                first = time.perf_counter() - start
-    conn.close()
-    assert first is not None, "no token streamed"
-    return first
-
-
-def _stream(port: int, model: str) -> tuple[int, float, float]:
+def _stream(port: int, model: str, max_tokens: int = N_DECODE) -> tuple[int, float, float]:
     """(tokens, time to first token, first -> last token) for one streamed completion."""
-    body = json.dumps({"model": model, "prompt": unique_prompt(), "max_tokens": N_DECODE, "temperature": 0,
+    body = json.dumps({"model": model, "prompt": unique_prompt(), "max_tokens": max_tokens, "temperature": 0,
                        "stream": True})
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -163,8 +143,8 @@ def _stream(port: int, model: str) -> tuple[int, float, float]:
             first = first or last
             tokens += 1
     conn.close()
-    assert tokens >= N_DECODE * 0.9, f"only {tokens} pieces streamed"
-    return N_DECODE, first - start, last - first
+    assert tokens >= max_tokens * 0.9, f"only {tokens} pieces streamed"
+    return max_tokens, first - start, last - first
 
 
 if __name__ == "__main__":

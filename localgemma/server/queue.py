@@ -212,7 +212,6 @@ class Job:
         self._mailbox.post(self._items.put_nowait, item)
 
 
-
 class ModelQueue:
     """One model's line: `slots` requests generating, at most `depth` waiting."""
 
