@@ -442,6 +442,23 @@ def test_trailing_slashes_are_served(srv):
     assert r.status_code == 200
 
 
+def test_a_bindings_file_that_is_not_a_table_is_a_clear_error_and_is_seen_again_once_mended(srv):
+    """bindings.json is read by its stat, per request: one broken by hand (a list) is refused
+    in the API's shape, naming the file without the server's data path, and the next request
+    after it is mended is served."""
+    path = srv.home / "bindings.json"
+    before = path.read_bytes() if path.exists() else None
+    path.write_text("[1, 2]")
+    try:
+        message = error_of(httpx.get(srv.base + "/v1/models"), 400)
+        assert "bindings.json is not a table of model ids" in message and str(srv.home) not in message
+        assert srv.healthy()
+    finally:
+        path.write_bytes(before) if before is not None else path.unlink()
+    r = httpx.get(srv.base + "/v1/models")
+    assert r.status_code == 200 and TWO_B in [m["id"] for m in r.json()["data"]]
+
+
 def test_leftovers_of_killed_processes_are_swept_by_the_next_write(srv, adapters):
     root = srv.home / "finetunes"
     stale = root / ".staging-dead"
