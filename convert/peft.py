@@ -14,7 +14,6 @@ Everything a llama.cpp adapter cannot express is refused here, by name.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import regex
 
 from ..errors import ConversionError
+from ..jsontext import strict_json
 from .safetensors_io import SafetensorsFile, read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -117,8 +117,8 @@ def _find_files(folder: Path) -> tuple[Path, Path]:
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = strict_json(path.read_text(encoding="utf-8"), constants=True)  # NaN: refused by name below
+    except ValueError as exc:  # not UTF-8, or not JSON
         raise ConversionError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise ConversionError(f"{path} must hold a JSON object, found a {type(config).__name__}")

@@ -14,7 +14,6 @@ which file and what is wrong, instead of a numpy error or a silent wrong read.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConversionError
+from ..jsontext import strict_json
 
 # safetensors dtype name -> (numpy dtype to read the raw bytes as, bytes per element).
 # BF16 is read as raw uint16 and widened by hand (numpy has no bfloat16).
@@ -80,8 +80,8 @@ def read_safetensors(path: str | Path) -> SafetensorsFile:
                                   f"claims {n} bytes but the file has only {size - 8} after the length")
         header_bytes = f.read(n)
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = strict_json(header_bytes.decode("utf-8"), constants=True)
+    except ValueError as exc:  # not UTF-8, or not JSON
         raise ConversionError(f"{path} is corrupt: its JSON header does not parse ({exc})") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path} is corrupt: its header is a JSON {type(header).__name__}, "

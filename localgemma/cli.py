@@ -9,7 +9,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .contract import PromptInputs, strict_json
+from .contract import PromptInputs
+from .jsontext import strict_json
 from .errors import LocalGemmaError
 
 # Sampling options are generated from the contract, so bounds and help live in one place.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidInput
+from .jsontext import strict_json
 
 if TYPE_CHECKING:
     from .generation import Chunk, Result
@@ -92,7 +93,7 @@ class ToolCall(_Strict):
         call = self.function or CallFunction(name=self.name, arguments=self.arguments or {})
         if isinstance(call.arguments, str):
             try:
-                call.arguments = json.loads(call.arguments or "{}")
+                call.arguments = strict_json(call.arguments or "{}")
             except json.JSONDecodeError:
                 raise ValueError(f"arguments must be a JSON object or its text, got {call.arguments[:60]!r}") from None
         if not isinstance(call.arguments, dict):
@@ -221,19 +222,6 @@ def parse_inputs(data: Any) -> Inputs:
         return shape.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(describe(exc, shape)) from None
-
-
-def strict_json(text: str | bytes) -> Any:
-    """json.loads, strictly: NaN and Infinity are not JSON (and poison every number they
-    reach), and nesting too deep for the parser is malformed input, not a RecursionError.
-    Everything not plain JSON raises json.JSONDecodeError."""
-    def refuse(constant: str) -> Any:
-        raise json.JSONDecodeError(f"{constant} is not a JSON number; send finite numbers", constant, 0)
-
-    try:
-        return json.loads(text, parse_constant=refuse)
-    except RecursionError:
-        raise json.JSONDecodeError("nested too deeply (send at most a few hundred levels)", "", 0) from None
 
 
 def describe(exc: ValidationError, shape: type[BaseModel] | None = None) -> str:

@@ -27,7 +27,6 @@ from .errors import InvalidInput, StructuredOutputError
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
                "deprecated", "readOnly", "writeOnly", "$defs", "definitions"}
 FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
-TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 MAX_ENUM_RANGE = 256
 MAX_DEPTH = 64  # nested JSON containers (an object property is two: "properties", then its schema)
 # minLength / maxLength / minItems / maxItems: the converter spells `maxLength: n` out as n
@@ -54,11 +53,34 @@ def check(schema: Any, where: str = "response_format", depth: int = 0) -> dict:
     response_format and tool parameters. `depth`: levels the caller nests it under."""
     problems = _limits(schema, depth)
     if not problems:
+        malformed = _malformed(schema)
+        if malformed:
+            raise InvalidInput(f"{where}: not a valid JSON Schema: " + "; ".join(malformed))
         schema = _rewrite(schema)
         problems = unenforceable(schema)
     if problems:
         raise InvalidInput(f"{where}: the grammar cannot enforce " + "; ".join(problems))
     return schema
+
+
+def _malformed(schema: Any) -> list[str]:
+    """Where `schema` breaks JSON Schema's own rules (its metaschema: the draft its `$schema`
+    names, else 2020-12), as 'path: what is wrong'. Checked before anything walks the schema
+    expecting its shape, and before the answer is validated against it."""
+    from jsonschema.validators import Draft202012Validator, validator_for
+
+    cls = validator_for(schema, default=Draft202012Validator) if isinstance(schema, dict) else Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    found = []
+    for error in cls(cls.META_SCHEMA).iter_errors(schema):
+        error = best_match(error.context) if error.context else error  # "not valid under any of..." says less
+        found.append(f"{_path(error.absolute_path)}: {error.message}")
+    return sorted(dict.fromkeys(found))[:10]  # the draft's vocabularies repeat some rules
+
+
+def _path(parts) -> str:
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
 
 
 def grammar_for(schema: dict, where: str = "response_format") -> str:
@@ -95,7 +117,7 @@ def parse(text: str, schema: dict, finish_reason: str, max_tokens: int) -> Any:
             f"max_tokens: the JSON was not finished within {max_tokens} tokens; raise max_tokens")
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
         raise StructuredOutputError(f"response_format: constrained output is not JSON ({exc}): {text[:200]!r}") from None
     try:
         import jsonschema
@@ -196,11 +218,8 @@ def _branch(s: dict, path: str) -> tuple[set, list, list]:
         return {"anyOf"}, [(f"{path}.anyOf[{i}]", b) for i, b in enumerate(s["anyOf"])], []
     if "oneOf" in s:
         return {"oneOf"}, [], [f"{path}: oneOf (exactly-one cannot be enforced; anyOf can)"]
-    if isinstance(kind, list):
-        bad = [t for t in kind if t not in TYPES]
-        return {"type"}, [], [f"{path}: type {t!r} (unknown type)" for t in bad]
-    if kind is not None and kind not in TYPES:
-        return set(), [], [f"{path}: type {kind!r} (not a JSON Schema type)"]
+    if isinstance(kind, list):  # (an unknown type is refused before: see _malformed)
+        return {"type"}, [], []
     if "const" in s:
         return {"const", "type"}, [], []
     if "enum" in s:

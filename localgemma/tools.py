@@ -117,7 +117,7 @@ def parse_call(text: str, tools: list[Tool], mode: str) -> Optional[dict]:
         return None
     try:
         call = json.loads(stripped)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
         raise StructuredOutputError(f"tools: the tool call was cut short or malformed ({exc}); "
                                     f"raise max_tokens") from None
     tool = next((t for t in tools if t.name == call.get("name")), None)

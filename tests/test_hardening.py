@@ -232,6 +232,22 @@ def test_nan_in_the_weights_is_refused(srv, adapters, tmp_path):
     httpx.delete(srv.finetunes("/nan-weights"))
 
 
+@pytest.mark.parametrize("text, needle", [
+    ('"deep": ' + "[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('"r": ' + "7" * 5000, "a number of 5000 digits is too long (at most 4300)"),
+])
+def test_config_text_json_cannot_hold_is_a_400_and_changes_nothing(srv, adapters, tmp_path, text, needle):
+    folder = broken(adapters[2], tmp_path / "a", {})
+    config = folder / "adapter_config.json"
+    config.write_text(config.read_text().replace("{", "{" + text + ", ", 1))
+    before = listing(srv)
+    message = error_of(srv.upload("json-hostile", folder), 400)
+    assert "adapter_config.json" in message and needle in message, message
+    assert [e for e in listing(srv) if e["name"] != "json-hostile"] == before
+    httpx.delete(srv.finetunes("/json-hostile"))
+    assert srv.healthy()
+
+
 # -- 4. catastrophic backtracking in PEFT's patterns ----------------------------------------------
 
 def test_backtracking_patterns_neither_freeze_the_server_nor_hang(srv, adapters, tmp_path):
@@ -410,6 +426,23 @@ def test_deep_json_is_a_400_on_every_route(srv):
     assert srv.healthy()
 
 
+def test_a_number_too_long_to_convert_is_a_400_on_every_route(srv):
+    """Python refuses to turn more than 4300 digits into an int: a ValueError, not a JSON error."""
+    huge = "9" * 5000
+    json_headers = {"Content-Type": "application/json"}
+    for url, body in [(srv.url(), f'{{"prompt": "hi", "max_tokens": {huge}}}'),
+                      (srv.finetunes(), f'{{"model": "{TWO_B}", "name": {huge}}}'),
+                      (srv.base + "/v1/chat/completions", f'{{"model": "{TWO_B}", "messages": [], "seed": {huge}}}'),
+                      (srv.base + "/v1/responses", f'{{"model": "{TWO_B}", "input": "hi", "max_output_tokens": {huge}}}'),
+                      (srv.base + "/api/generate", f'{{"model": "{TWO_B}", "prompt": "hi", "options": {{"seed": {huge}}}}}'),
+                      (srv.base + "/api/chat", f'{{"model": "{TWO_B}", "messages": [], "keep_alive": {huge}}}'),
+                      (srv.base + "/api/show", f'{{"model": {huge}}}')]:
+        r = httpx.post(url, content=body, headers=json_headers)
+        assert r.status_code == 400, (url, r.status_code, r.text[:300])
+        assert "5000 digits is too long (at most 4300)" in r.text, (url, r.text[:300])
+    assert srv.healthy()
+
+
 def nest(depth: int) -> dict:
     schema = {"type": "string"}
     for _ in range(depth):
@@ -423,6 +456,13 @@ def nest(depth: int) -> dict:
     ({"anyOf": []}, "$: anyOf [] (must be a non-empty list"),
     ({"type": "string", "pattern": "a\x00b"}, "$: pattern"),
     ({"type": "integer", "minimum": math.inf}, "$.minimum: inf (not a JSON number)"),
+    # Not JSON Schema at all: each used to reach code that walks a schema expecting its shape.
+    ({"type": "object", "properties": [1, 2]}, "$.properties: [1, 2] is not of type 'object'"),
+    ({"type": "object", "properties": None}, "$.properties: None is not of type 'object'"),
+    ({"type": "object", "properties": {"a": "x"}}, "$.properties.a: 'x' is not of type 'object', 'boolean'"),
+    ({"$ref": 5}, "$.$ref: 5 is not of type 'string'"),
+    ({"type": "array", "items": {"type": "string"}, "minItems": -5}, "$.minItems: -5 is less than the minimum of 0"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": "a"}, "$.required: 'a' is not of type"),
 ])
 def test_schemas_that_used_to_500_name_the_problem(srv, schema, needle):
     body = {"messages": ASK, "response_format": {"type": "json_schema", "json_schema": schema}}
@@ -432,6 +472,16 @@ def test_schemas_that_used_to_500_name_the_problem(srv, schema, needle):
 
 
 # -- 9. small ones ------------------------------------------------------------------------------------
+
+def test_tool_parameters_that_are_not_json_schema_name_the_problem(srv):
+    bad = {"type": "function", "function": {"name": "pick", "parameters": {"type": "object", "properties": "n"}}}
+    r = httpx.post(srv.url(), json={"messages": ASK, "tools": [bad]})
+    assert "tools[0].parameters (pick): not a valid JSON Schema: $.properties: 'n' is not of type 'object'" in \
+        error_of(r, 400, 3010)
+    r = httpx.post(srv.base + "/v1/chat/completions", json={"model": TWO_B, "messages": ASK, "tools": [bad]})
+    assert "$.properties: 'n' is not of type 'object'" in error_of(r, 400)
+    assert srv.healthy()
+
 
 def test_trailing_slashes_are_served(srv):
     r = httpx.get(srv.finetunes("/"))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from fastapi import Request
 from fastapi.routing import APIRoute
 
-from localgemma.contract import strict_json as loads
+from localgemma.jsontext import strict_json as loads
 
 from localgemma.errors import MalformedBody
 
