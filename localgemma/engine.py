@@ -251,8 +251,8 @@ class Engine:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
-    def __del__(self):
-        if sys.is_finalizing():
+    def __del__(self, _finalizing=sys.is_finalizing):  # bound now: at exit, module globals may be None
+        if _finalizing():
             # The interpreter is exiting and the OS takes the memory back as the process
             # ends; llama.cpp's own free of the weights would only delay the exit (~60 ms for
             # the embedded model, which plain llama-cpp-python pays on every exit).

@@ -200,7 +200,8 @@ class Prepared:
             value = structured.parse(text, self.schema, last.finish_reason, self.asked)
             return Result(text, last.finish_reason, usage, value=value, logprobs=logprobs)
         if self.tools:
-            call = tools_mod.parse_call(text, self.tools, self.tool_mode)
+            cut = self.asked if last.finish_reason == "length" else None
+            call = tools_mod.parse_call(text, self.tools, self.tool_mode, cut)
             if call is not None:
                 return Result(text, "tool_calls", usage, tool_calls=(call,))
         return Result(text, last.finish_reason, usage, logprobs=logprobs)

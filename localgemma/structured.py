@@ -111,13 +111,15 @@ def _json_strings(gbnf: str) -> str:
 
 
 def parse(text: str, schema: dict, finish_reason: str, max_tokens: int) -> Any:
-    """The generated JSON as a value, validated; a clear error when it was cut short."""
-    if finish_reason == "length":
-        raise StructuredOutputError(
-            f"max_tokens: the JSON was not finished within {max_tokens} tokens; raise max_tokens")
+    """The generated JSON as a value, validated; a clear error when it was cut short. JSON
+    finished by the last token max_tokens allowed is an answer (its finish_reason stays
+    "length": the end of turn was not reached)."""
     try:
         value = json.loads(text)
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+        if finish_reason == "length":
+            raise StructuredOutputError(
+                f"max_tokens: the JSON was not finished within {max_tokens} tokens; raise max_tokens") from None
         raise StructuredOutputError(f"response_format: constrained output is not JSON ({exc}): {text[:200]!r}") from None
     try:
         import jsonschema

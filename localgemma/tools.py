@@ -108,8 +108,9 @@ def is_call(text: str) -> bool:
     return text.startswith("{")
 
 
-def parse_call(text: str, tools: list[Tool], mode: str) -> Optional[dict]:
-    """The call in a reply, as {"name", "arguments"}; None when the reply is text."""
+def parse_call(text: str, tools: list[Tool], mode: str, cut: Optional[int] = None) -> Optional[dict]:
+    """The call in a reply, as {"name", "arguments"}; None when the reply is text. `cut`: the
+    max_tokens that ended the reply, if it ended there."""
     stripped = text.strip()
     if mode == "none" or not is_call(text):
         if mode in ("required", "function"):
@@ -118,8 +119,10 @@ def parse_call(text: str, tools: list[Tool], mode: str) -> Optional[dict]:
     try:
         call = json.loads(stripped)
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
-        raise StructuredOutputError(f"tools: the tool call was cut short or malformed ({exc}); "
-                                    f"raise max_tokens") from None
+        if cut is not None:
+            raise StructuredOutputError(f"max_tokens: the tool call was not finished within {cut} tokens; "
+                                        "raise max_tokens") from None
+        raise StructuredOutputError(f"tools: the tool call is malformed ({exc})") from None
     tool = next((t for t in tools if t.name == call.get("name")), None)
     if tool is None:
         raise StructuredOutputError(f"tools: the call names {call.get('name')!r}, which is not a tool")

@@ -55,6 +55,12 @@ def test_chat_translation_is_exact():
     parse_inputs(inputs)  # what the shim makes is a valid contract request
 
 
+def test_an_unknown_response_format_type_lists_all_three():
+    with pytest.raises(InvalidInput, match="response_format.type: \"xml\" is not accepted; send 'text', "
+                                           "'json_object' or 'json_schema'"):
+        chat(response_format={"type": "xml"})
+
+
 def test_completion_translation_is_raw():
     model, inputs = completion_inputs(CompletionRequest(model=TWO_B, prompt=["Once"], max_tokens=3, top_k=5))
     assert (model, inputs) == (TWO_B, {"prompt": "Once", "raw": True, "stream": False, "top_k": 5, "max_tokens": 3})

@@ -109,6 +109,27 @@ def test_json_cut_short_by_max_tokens_is_a_clear_error():
 
 
 @pytest.mark.e2e
+def test_json_finished_by_the_last_token_allowed_is_an_answer():
+    """The JSON closed on the very token max_tokens allowed (no room left for the end of turn)."""
+    fields = {"response_format": {"type": "json_schema", "json_schema": SCHEMAS["nested objects"]}, "temperature": 0}
+    whole = run(**fields)
+    n = whole["usage"]["completion_tokens"]
+    assert run(**fields, max_tokens=n)["response"] == whole["response"]
+    with pytest.raises(StructuredOutputError, match=f"max_tokens: the JSON was not finished within {n - 2} tokens"):
+        run(**fields, max_tokens=n - 2)  # (n - 1 may end on whitespace after the last brace)
+
+
+def test_parse_tells_a_finished_value_from_a_cut_one():
+    from localgemma.structured import parse
+
+    assert parse('{"a": [1, 2]}', {"type": "object"}, "length", 9) == {"a": [1, 2]}
+    with pytest.raises(StructuredOutputError, match="max_tokens: the JSON was not finished within 9 tokens"):
+        parse('{"a": [1, 2', {"type": "object"}, "length", 9)
+    with pytest.raises(StructuredOutputError, match="response_format: constrained output is not JSON"):
+        parse('{"a": [1, 2', {"type": "object"}, "stop", 9)
+
+
+@pytest.mark.e2e
 def test_json_object_gives_an_object():
     out = localgemma.run(None, {"prompt": 'The JSON object {"a": 1} is', "raw": True,
                                 "response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 64})

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 
 from localgemma import finetunes
 from localgemma.contract import Inputs, parse_inputs
-from localgemma.errors import UnknownModel, Unsupported
+from localgemma.errors import InvalidInput, UnknownModel, Unsupported
 from localgemma.generation import Chunk, Result, TokenLogprob
 
 from .errors import openai_body
@@ -51,8 +51,13 @@ def chat_inputs(req: ChatCompletionRequest) -> tuple[str, dict[str, Any]]:
     model, lora = split_model(req.model)
     inputs = {"messages": [_message(i, m) for i, m in enumerate(req.messages)], **_sampling(req), "lora": lora,
               "max_tokens": req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens}
-    if req.response_format and req.response_format.get("type") != "text":
-        inputs["response_format"] = req.response_format
+    if req.response_format:
+        kind = req.response_format.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise InvalidInput(f"response_format.type: {dumps(kind)[:60]} is not accepted; send 'text', "
+                               "'json_object' or 'json_schema'", param="response_format.type")
+        if kind != "text":
+            inputs["response_format"] = req.response_format
     if req.tools:
         inputs["tools"], inputs["tool_choice"] = req.tools, req.tool_choice  # the contract checks both
     elif req.tool_choice not in (None, "none"):
