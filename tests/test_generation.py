@@ -122,11 +122,11 @@ def test_pushed_items_are_the_pulled_ones_and_a_failing_result_is_emitted_not_ra
     from localgemma.generation import Result
     from localgemma.errors import StructuredOutputError
 
-    chunks = [Chunk('{"a"'), Chunk(": 1}"), Chunk("", finish, 3, 2)]
+    chunks = [Chunk('{"a"'), Chunk(": 1}" if finish == "stop" else ": 1"), Chunk("", finish, 3, 2)]
     prepared, batcher = _prepared(chunks, schema={"type": "object"})
     pushed = []
     stop = prepared.push(pushed.append)
-    if finish == "length":  # cut short: the schema's error is the request's answer, sent as an item
+    if finish == "length":  # cut short inside the JSON: the schema's error is the request's answer, sent as an item
         assert [type(x) for x in pushed] == [Chunk, Chunk, StructuredOutputError]
         with pytest.raises(StructuredOutputError, match="max_tokens"):
             list(prepared.run(c for c in chunks))
