@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidInput
 from .jsontext import strict_json
@@ -27,7 +27,23 @@ ROLES = ("system", "user", "assistant", "model", "tool")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: a string is not a number, nor a number a boolean ("0", true and 1 are refused where
+    # a number, an integer and a boolean are due), as Workers AI's schema validation has it.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (as in JavaScript and JSON Schema)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _said(value: Any) -> Any:
+    """"true" and "false" as booleans: the Workers AI LoRA page's own example sends "raw": "true"."""
+    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+
+
+Integer = Annotated[int, BeforeValidator(_whole)]
+Boolean = Annotated[bool, BeforeValidator(_said)]
 
 
 class ResponseFormat(_Strict):
@@ -142,19 +158,19 @@ class Message(_Strict):
 
 
 class _Common(_Strict):
-    stream: bool = False
-    max_tokens: int = Field(256, ge=1, description="tokens to generate at most; capped at what the context leaves")
+    stream: Boolean = False
+    max_tokens: Integer = Field(256, ge=1, description="tokens to generate at most; capped at what the context leaves")
     temperature: float = Field(0.6, ge=0, le=5, description="0 means greedy")
     top_p: Optional[float] = Field(None, ge=0, le=2, description=">= 1 means no truncation")
-    top_k: Optional[int] = Field(None, ge=1, le=50)
-    seed: Optional[int] = Field(None, ge=1, le=SEED_MAX)
+    top_k: Optional[Integer] = Field(None, ge=1, le=50)
+    seed: Optional[Integer] = Field(None, ge=1, le=SEED_MAX)
     repetition_penalty: Optional[float] = Field(None, ge=0, le=2, description="1 (or 0) means off")
     frequency_penalty: Optional[float] = Field(None, ge=0, le=2)
     presence_penalty: Optional[float] = Field(None, ge=0, le=2)
     response_format: Optional[ResponseFormat] = None
     # Extension (OpenAI's): the text ends before the first of these (not returned); finish "stop".
     stop: Union[str, list[str], None] = Field(None, description=f"a string or up to {MAX_STOP} strings")
-    raw: bool = False
+    raw: Boolean = False
     lora: Optional[str] = Field(None, min_length=1)
     image: Any = None
 

@@ -31,6 +31,27 @@ def test_seed_example_raw_as_string_is_accepted():
     assert parse_inputs({"prompt": "tell me a story", "raw": "true", "lora": "x"}).raw is True
 
 
+@pytest.mark.parametrize("field, bad, said", [
+    ("max_tokens", True, "max_tokens: Input should be a valid integer (got True)"),
+    ("max_tokens", "2", "max_tokens: Input should be a valid integer (got '2')"),
+    ("max_tokens", 2.5, "max_tokens: Input should be a valid integer (got 2.5)"),
+    ("temperature", "0", "temperature: Input should be a valid number (got '0')"),
+    ("temperature", False, "temperature: Input should be a valid number (got False)"),
+    ("seed", "7", "seed: Input should be a valid integer (got '7')"),
+    ("stream", 0, "stream: Input should be a valid boolean (got 0)"),
+    ("raw", "yes", "raw: Input should be a valid boolean (got 'yes')"),
+])
+def test_values_of_another_type_are_refused_not_converted(field, bad, said):
+    with pytest.raises(InvalidInput) as info:
+        parse_inputs({"prompt": "hi", field: bad})
+    assert info.value.message == said
+
+
+def test_a_whole_number_written_with_a_point_is_that_integer():
+    inputs = parse_inputs({"prompt": "hi", "max_tokens": 2.0, "seed": 7.0, "temperature": 1})
+    assert (inputs.max_tokens, inputs.seed, inputs.temperature) == (2, 7, 1.0) and type(inputs.max_tokens) is int
+
+
 def test_raw_and_lora_accepted_with_messages():
     inputs = parse_inputs({"messages": [{"role": "user", "content": "u"}], "raw": True, "lora": "abc"})
     assert inputs.raw and inputs.lora == "abc"

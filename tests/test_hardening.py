@@ -443,6 +443,27 @@ def test_a_number_too_long_to_convert_is_a_400_on_every_route(srv):
     assert srv.healthy()
 
 
+def test_values_of_another_type_are_400s_naming_the_field_on_every_surface(srv):
+    """"0", true and 0 are refused where a number, an integer or a boolean is due (they were converted)."""
+    cases = [(srv.url(), {"prompt": "hi", "max_tokens": True}, "max_tokens"),
+             (srv.url(), {"prompt": "hi", "temperature": "0"}, "temperature"),
+             (srv.base + "/v1/chat/completions", {"model": TWO_B, "messages": ASK, "max_tokens": "2"}, "max_tokens"),
+             (srv.base + "/v1/chat/completions", {"model": TWO_B, "messages": ASK, "logprobs": 0}, "logprobs"),
+             (srv.base + "/v1/responses", {"model": TWO_B, "input": "hi", "stream": 0}, "stream"),
+             (srv.base + "/api/generate", {"model": TWO_B, "prompt": "hi", "stream": 0}, "stream"),
+             (srv.base + "/api/generate", {"model": TWO_B, "prompt": "hi", "options": {"num_predict": "2"}},
+              "options.num_predict"),
+             (srv.base + "/api/show", {"model": TWO_B, "verbose": "yes"}, "verbose")]
+    for url, body, field in cases:
+        r = httpx.post(url, json=body)
+        assert r.status_code == 400 and f"{field}: Input should be a valid" in r.text, (url, body, r.text[:300])
+    before = listing(srv)
+    r = httpx.post(srv.finetunes(), json={"model": TWO_B, "name": "typed", "public": "yes"})
+    assert "public: Input should be a valid boolean (got 'yes')" in error_of(r, 400)
+    assert listing(srv) == before
+    assert srv.healthy()
+
+
 def nest(depth: int) -> dict:
     schema = {"type": "string"}
     for _ in range(depth):

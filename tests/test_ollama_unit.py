@@ -5,6 +5,7 @@ and the error and stream shapes. tests/test_ollama.py runs the same through a re
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -75,6 +76,23 @@ def test_options_map_onto_the_contract():
                               "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.25,
                               "stop": ["\n"]}
     assert translate_options(None).fields == {} and translate_options({}).fields == {}
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"num_predict": "2"}, "options.num_predict: Input should be a valid integer (got '2')"),
+    ({"temperature": False}, "options.temperature: Input should be a valid number (got False)"),
+])
+def test_options_of_another_type_are_refused_naming_the_option(options, said):
+    with pytest.raises(InvalidInput, match=re.escape(said)):
+        translate_options(options)
+
+
+def test_request_fields_of_another_type_are_refused():
+    from pydantic import ValidationError
+
+    for bad in ({"stream": 0}, {"raw": "true"}, {"top_logprobs": "2"}):
+        with pytest.raises(ValidationError):
+            GenerateRequest(model="m", prompt="hi", **bad)
 
 
 def test_off_values_neutral_options_and_runner_options_are_accepted():

@@ -32,7 +32,7 @@ LOGPROBS = "message.output_text.logprobs"
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "2", 0 and true are not what a number or boolean field takes
 
     model: str
     input: Union[str, list[dict[str, Any]]]
