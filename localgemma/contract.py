@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import InvalidInput
 from .jsontext import strict_json
@@ -75,6 +77,15 @@ class FunctionTool(_Strict):
 
     type: Literal["function"] = "function"
     function: FunctionSpec
+
+
+def _tool_shape(value: Any) -> str:
+    """Which of the two shapes a tool is in: OpenAI's has "function" (errors then speak of it alone)."""
+    return "FunctionTool" if isinstance(value, dict) and "function" in value else "FlatTool"
+
+
+ToolShape = Annotated[Union[Annotated[FunctionTool, Tag("FunctionTool")], Annotated[FlatTool, Tag("FlatTool")]],
+                      Discriminator(_tool_shape)]
 
 
 class DeprecatedFunction(_Strict):
@@ -205,7 +216,7 @@ class NamedToolChoice(_Strict):
 
 class MessagesInputs(_Common):
     messages: list[Message] = Field(min_length=1)
-    tools: Optional[list[Union[FunctionTool, FlatTool]]] = None
+    tools: Optional[list[ToolShape]] = None
     functions: Optional[list[DeprecatedFunction]] = None
     # Extension (OpenAI's): auto | none | required | {"type": "function", "function": {"name"}}
     tool_choice: Optional[Union[Literal["auto", "none", "required"], NamedToolChoice]] = None
@@ -242,14 +253,18 @@ def parse_inputs(data: Any) -> Inputs:
 
 def describe(exc: ValidationError, shape: type[BaseModel] | None = None) -> str:
     """One readable line per problem: `field: what is wrong (got VALUE)`."""
-    return "; ".join(problems(exc.errors(), list(shape.model_fields) if shape is not None else FIELDS))
+    return "; ".join(problems(exc.errors(), FIELDS, shape))
 
 
-def problems(errors: list[dict], known: list[str]) -> list[str]:
-    """pydantic's (or FastAPI's) errors, one line each, naming the field: the one renderer."""
+def problems(errors: list[dict], known: list[str], shape: type[BaseModel] | None = None) -> list[str]:
+    """pydantic's (or FastAPI's) errors, one line each, naming the field: the one renderer.
+    An unknown field is told the fields allowed where it is: those of `shape` at that place
+    when a shape is given, else `known` (none: no list)."""
     lines = []
     for err in errors:
         where = _loc(err["loc"])
+        if shape is not None and err["type"] == "extra_forbidden":
+            known = fields_at(shape, err["loc"][:-1])
         if err["type"] == "extra_forbidden" and not known:
             lines.append(f"{where}: unknown or unsupported parameter")
         elif err["type"] == "extra_forbidden":
@@ -259,7 +274,7 @@ def problems(errors: list[dict], known: list[str]) -> list[str]:
         elif err["type"] == "missing":
             lines.append(f"{where}: Field required")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = _MODEL_CLASS.sub("a JSON object", err["msg"].removeprefix("Value error, "))
             field, sep, rest = msg.partition(": ")
             if sep and field.isidentifier() and isinstance(err.get("input"), dict) and field in _FIELD_NAMES:
                 # a check of the whole object that is about one of its fields: name the field
@@ -267,6 +282,34 @@ def problems(errors: list[dict], known: list[str]) -> list[str]:
             else:
                 lines.append(f"{where}: {msg} (got {_show(err.get('input'))})")
     return lines
+
+
+_MODEL_CLASS = re.compile(r"(?<=Input should be )a valid dictionary or instance of \w+")  # (strict mode's words)
+
+
+def fields_at(shape: type[BaseModel], loc: tuple) -> list[str]:
+    """The fields of the object at `loc` (a pydantic error's location, list indexes and union
+    branch names included) inside `shape`; [] when it is not one object's."""
+    import typing
+
+    def models(annotation: Any) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models(arg)]
+
+    here = [shape]
+    for part in loc:
+        if isinstance(part, int) or part in ("body", "form"):
+            continue
+        branch = [m for m in here if m.__name__ == part]  # a union's branch, by its class name
+        if branch:
+            here = branch
+        elif any(part in m.model_fields for m in here):
+            here = [c for m in here if part in m.model_fields for c in models(m.model_fields[part].annotation)]
+        elif not str(part).startswith(("list[", "dict[", "function-", "json-or-python")):
+            return []
+    names = {name: None for m in here for name in m.model_fields}
+    return list(names) if len(here) == 1 else sorted(names)
 
 
 def _loc(loc: tuple) -> str:

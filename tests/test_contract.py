@@ -52,6 +52,28 @@ def test_a_whole_number_written_with_a_point_is_that_integer():
     assert (inputs.max_tokens, inputs.seed, inputs.temperature) == (2, 7, 1.0) and type(inputs.max_tokens) is int
 
 
+@pytest.mark.parametrize("inputs, said", [
+    ({"messages": [{"role": "user", "content": "hi", "contnet": "x"}]},
+     "messages[0].contnet: unknown field; did you mean 'content'?"),
+    ({"messages": [{"role": "user", "content": "hi", "zzz": "x"}]},
+     "messages[0].zzz: unknown field; allowed fields: role, content, name, tool_call_id, tool_calls"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"name": "a", "zzz": 1}]}]},
+     "messages[0].tool_calls[0].zzz: unknown field; allowed fields: id, type, function, name, arguments"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object", "zzz": {}}},
+     "response_format.zzz: unknown field; allowed fields: type, json_schema"),
+    # A tool is judged in the one shape it is in (OpenAI's has "function"), not in both.
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "a", "paramters": {}}]},
+     "tools[0].paramters: unknown field; did you mean 'parameters'?"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": ""}}]},
+     "tools[0].function.name: String should have at least 1 character (got '')"),
+    ({"messages": ["hi"]}, "messages[0]: Input should be a JSON object (got 'hi')"),
+])
+def test_nested_problems_name_what_is_allowed_there(inputs, said):
+    with pytest.raises(InvalidInput) as info:
+        parse_inputs(inputs)
+    assert info.value.message == said
+
+
 def test_raw_and_lora_accepted_with_messages():
     inputs = parse_inputs({"messages": [{"role": "user", "content": "u"}], "raw": True, "lora": "abc"})
     assert inputs.raw and inputs.lora == "abc"

@@ -87,6 +87,11 @@ def test_options_of_another_type_are_refused_naming_the_option(options, said):
         translate_options(options)
 
 
+def test_an_unknown_field_in_a_message_names_the_message_fields():
+    with pytest.raises(InvalidInput, match=re.escape("messages[0].contnet: unknown field; did you mean 'content'?")):
+        ollama._validate(ChatRequest, {"model": "m", "messages": [{"role": "user", "contnet": "hi"}]})
+
+
 def test_request_fields_of_another_type_are_refused():
     from pydantic import ValidationError
 
@@ -271,7 +276,7 @@ def test_common_fields_that_cannot_be_honoured(body, words):
     (GenerateRequest, [], ["a JSON object, got list"]),
     (GenerateRequest, {"model": "m", "keep_alive": True}, ["keep_alive:", "a number of seconds", "(got True)"]),
     (ChatRequest, {"model": "m", "tools": [{"type": "function", "function": {"name": "f", "x": 1}}]},
-     ["tools[0].function.x: unknown or unsupported parameter"]),
+     ["tools[0].function.x: unknown field; allowed fields: name, description, parameters"]),
     (ChatRequest, {"model": "m", "tools": "x"}, ["tools: Input should be a valid list (got 'x')"]),
 ])
 def test_bodies_are_checked_field_by_field(shape, body, words):

@@ -178,11 +178,7 @@ def _validate(shape: type[BaseModel], data: Any) -> Any:
     try:
         return shape.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            known = list(shape.model_fields) if len(err["loc"]) == 1 else []
-            lines += problems([err], known)
-        raise InvalidInput("; ".join(lines)) from None
+        raise InvalidInput("; ".join(problems(exc.errors(), [], shape))) from None
 
 
 async def _body(request: Request, shape: type[BaseModel]) -> Any:
