@@ -464,6 +464,14 @@ def test_values_of_another_type_are_400s_naming_the_field_on_every_surface(srv):
     assert srv.healthy()
 
 
+def test_a_body_that_is_not_utf8_is_named_so_on_every_surface(srv):
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "caf\xe9"}], "prompt": "caf\xe9"}' % TWO_B
+    for url in (srv.url(), srv.base + "/v1/chat/completions", srv.base + "/v1/responses", srv.base + "/api/chat"):
+        r = httpx.post(url, content=body.encode("latin-1"), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "not UTF-8" in r.text, (url, r.text[:300])
+    assert srv.healthy()
+
+
 def nest(depth: int) -> dict:
     schema = {"type": "string"}
     for _ in range(depth):

@@ -508,3 +508,36 @@ def test_a_client_that_disconnects_closes_the_events():
 
     sent, closed = _run_stream(endless, receive_after=0.1)
     assert closed and 1 < len(sent) < 50 and all(m.get("more_body", True) for m in sent[1:])
+
+
+# -- the Responses API's request -----------------------------------------------------------------
+
+def test_responses_text_and_include_take_only_what_openai_defines():
+    from pydantic import ValidationError
+
+    from localgemma.server.responses import ResponsesRequest
+
+    for bad in ({"text": {"fromat": {"type": "json_object"}}}, {"text": {"format": {"type": "xml"}}},
+                {"text": {"format": {"type": "json_schema", "schemma": {}}}}, {"include": ["bogus.thing"]}):
+        with pytest.raises(ValidationError):
+            ResponsesRequest(model=TWO_B, input="hi", **bad)
+    req = ResponsesRequest(model=TWO_B, input="hi", include=["reasoning.encrypted_content"],
+                           text={"format": {"type": "json_schema", "name": "p", "schema": {"type": "object"},
+                                            "strict": True}, "verbosity": "medium"})
+    from localgemma.server.responses import responses_inputs
+
+    assert responses_inputs(req)[1]["response_format"] == {"type": "json_schema",
+                                                           "json_schema": {"schema": {"type": "object"}}}
+
+
+def test_responses_errors_name_the_responses_fields():
+    from localgemma.contract import parse_inputs
+    from localgemma.server.errors import worded
+    from localgemma.server.responses import WORDS, ResponsesRequest, responses_inputs
+
+    _, fields = responses_inputs(ResponsesRequest(model=TWO_B, input="hi", max_output_tokens=0))
+    with pytest.raises(InvalidInput) as info, worded(WORDS):
+        parse_inputs(fields)
+    assert info.value.message.startswith("max_output_tokens: Input should be greater than or equal to 1")
+    with pytest.raises(Unsupported, match="text.verbosity: 'low' cannot be honoured"):
+        responses_inputs(ResponsesRequest(model=TWO_B, input="hi", text={"verbosity": "low"}))

@@ -7,8 +7,9 @@ validation errors, unknown routes) onto that table.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +32,34 @@ class Carried(HTTPException):
     def __init__(self, error: LocalGemmaError):
         super().__init__(error.status, error.message)
         self.error = error
+
+
+Words = tuple[tuple[str, str], ...]  # (the contract's name for a field, the surface's), most specific first
+
+
+@contextlib.contextmanager
+def worded(words: Words) -> Iterator[None]:
+    """Errors from the contract and the runtime name the contract's fields (`max_tokens: ...`);
+    raised within this block they name what the surface's request calls them instead."""
+    try:
+        yield
+    except LocalGemmaError as exc:
+        reword(exc, words)
+        raise
+
+
+def reword(exc: LocalGemmaError, words: Words) -> LocalGemmaError:
+    exc.message = renamed(exc.message, words)
+    exc.args = (exc.message,)
+    if exc.param is not None:
+        exc.param = renamed(exc.param, words)
+    return exc
+
+
+def renamed(message: str, words: Words) -> str:
+    for contract, ours in words:
+        message = re.sub(rf"(?<![\w.]){re.escape(contract)}\b(?!\.json_schema)", ours, message)
+    return message
 
 
 def is_openai(scope: Scope) -> bool:

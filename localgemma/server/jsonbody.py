@@ -14,9 +14,10 @@ from typing import Any, Callable
 from fastapi import Request
 from fastapi.routing import APIRoute
 
+from localgemma.errors import MalformedBody
 from localgemma.jsontext import strict_json as loads
 
-from localgemma.errors import MalformedBody
+from .errors import Carried
 
 
 def parse_json(body: bytes) -> Any:
@@ -32,7 +33,11 @@ def parse_json(body: bytes) -> Any:
 class _StrictRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = loads(await self.body())
+            body = await self.body()
+            try:
+                self._json = loads(body)
+            except UnicodeDecodeError:  # FastAPI would answer its own "There was an error parsing the body"
+                raise Carried(MalformedBody("malformed JSON body: it is not UTF-8 text")) from None
         return self._json
 
 

@@ -24,7 +24,6 @@ started ends with such a line, as Ollama's does.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import functools
@@ -39,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Iterable, Literal, Optional, Union
 
 import anyio
 from fastapi import APIRouter, Request
@@ -53,7 +52,8 @@ from localgemma.errors import (IncompleteRequest, InternalError, InvalidInput, L
                                UnknownModel, Unsupported)
 from localgemma.generation import Chunk, Result, TokenLogprob
 
-from .errors import public_text
+from .errors import public_text, worded
+from .errors import renamed as renamed_in
 from .jsonbody import parse_json
 from .queue import END, Job
 from .served import servable
@@ -513,22 +513,13 @@ _CONTRACT_WORDS = (("response_format.json_schema", "format"), ("response_format"
                    ("lora", "model"))
 
 
-@contextlib.contextmanager
-def ollama_words() -> Iterator[None]:
-    """Errors from the contract and the runtime name their fields (`response_format: ...`);
-    within this block they say what the Ollama request calls them (`format: ...`)."""
-    try:
-        yield
-    except LocalGemmaError as exc:
-        exc.message = renamed(exc.message)
-        exc.args = (exc.message,)
-        raise
+def ollama_words():
+    """Within this block errors say what the Ollama request calls the fields (`format: ...`)."""
+    return worded(_CONTRACT_WORDS)
 
 
 def renamed(message: str) -> str:
-    for contract, ours in _CONTRACT_WORDS:
-        message = re.sub(rf"(?<![\w.]){re.escape(contract)}\b(?!\.json_schema)", ours, message)
-    return message
+    return renamed_in(message, _CONTRACT_WORDS)
 
 
 # -- answers: the runtime's items -> Ollama's objects ---------------------------------------------

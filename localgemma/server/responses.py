@@ -24,11 +24,40 @@ from localgemma.contract import parse_inputs
 from localgemma.errors import LocalGemmaError, Unsupported
 from localgemma.generation import Chunk, Result, TokenLogprob
 
+from .errors import reword, worded
 from .openai_shim import split_model
 from .queue import Job
 from .sse import begin, dumps, event, event_response
 
 LOGPROBS = "message.output_text.logprobs"
+
+
+_WIRE = ConfigDict(extra="forbid", strict=True)
+# OpenAI's values for `include`; only the logprobs one adds anything here (the others name
+# outputs of tools this server does not run, or stored reasoning it never makes).
+INCLUDABLE = Literal["message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results",
+                     "web_search_call.results", "web_search_call.action.sources", "message.input_image.image_url",
+                     "computer_call_output.output.image_url", "code_interpreter_call.outputs"]
+# The contract's names for fields, as this API calls them (in errors).
+WORDS = (("response_format.json_schema", "text.format.schema"), ("response_format", "text.format"),
+         ("max_tokens", "max_output_tokens"))
+
+
+class TextFormat(BaseModel):
+    model_config = _WIRE
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    description: Optional[str] = None
+    strict: Optional[bool] = None
+
+
+class TextConfig(BaseModel):
+    model_config = _WIRE
+
+    format: Optional[TextFormat] = None
+    verbosity: Optional[Literal["low", "medium", "high"]] = None
 
 
 class ResponsesRequest(BaseModel):
@@ -44,10 +73,10 @@ class ResponsesRequest(BaseModel):
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None  # at most one call is ever made: both are honoured
     max_tool_calls: Optional[int] = None
-    text: Optional[dict[str, Any]] = None
+    text: Optional[TextConfig] = None
     stream: Optional[bool] = False
     stream_options: Optional[dict[str, Any]] = None
-    include: Optional[list[str]] = None
+    include: Optional[list[INCLUDABLE]] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     store: Optional[bool] = None
     previous_response_id: Optional[str] = None
@@ -79,15 +108,13 @@ def responses_inputs(req: ResponsesRequest) -> tuple[str, dict[str, Any]]:
         inputs["tool_choice"] = _tool_choice(req.tool_choice)
     elif req.tool_choice not in (None, "none", "auto"):
         inputs["tool_choice"] = _tool_choice(req.tool_choice)  # refused by the contract, naming it
-    text_format = (req.text or {}).get("format") or {"type": "text"}
-    if text_format.get("type") == "json_object":
+    text_format = req.text.format if req.text and req.text.format else TextFormat(type="text")
+    if text_format.type == "json_object":
         inputs["response_format"] = {"type": "json_object"}
-    elif text_format.get("type") == "json_schema":
-        if not isinstance(text_format.get("schema"), dict):
+    elif text_format.type == "json_schema":
+        if text_format.schema_ is None:
             raise _unsupported("text.format.schema", "a JSON schema object is required with type json_schema")
-        inputs["response_format"] = {"type": "json_schema", "json_schema": {"schema": text_format["schema"]}}
-    elif text_format.get("type") != "text":
-        raise _unsupported("text.format.type", f"{text_format.get('type')!r}; use text, json_schema or json_object")
+        inputs["response_format"] = {"type": "json_schema", "json_schema": {"schema": text_format.schema_}}
     return model, {k: v for k, v in inputs.items() if v is not None}
 
 
@@ -112,6 +139,9 @@ def _refuse_unhonoured(req: ResponsesRequest) -> None:
         raise _unsupported("background", "background responses need storage, which this server does not keep")
     if req.reasoning and any(v is not None for v in req.reasoning.values()):
         raise _unsupported("reasoning", "Gemma does not reason before answering; leave reasoning out")
+    if req.text and req.text.verbosity not in (None, "medium"):
+        raise _unsupported("text.verbosity", f"{req.text.verbosity!r} cannot be honoured: the model's replies "
+                                             "have no verbosity setting; leave it out (or send 'medium')")
     if req.truncation == "auto":
         raise _unsupported("truncation", "'auto' would drop turns silently; a conversation too long for the "
                                          "context is refused instead (use 'disabled')")
@@ -189,11 +219,16 @@ class _Reply:
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
             "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
             "temperature": req.temperature, "top_p": req.top_p, "top_logprobs": req.top_logprobs,
-            "text": req.text or {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
+            "text": self.text(), "tool_choice": req.tool_choice or "auto",
             "tools": [{"strict": True, "description": None, **t} for t in req.tools or []],
             "truncation": req.truncation or "disabled", "metadata": req.metadata or {}, "user": req.user,
             "usage": self.usage(result) if result is not None else None,
         }
+
+    def text(self) -> dict[str, Any]:
+        """The text configuration as asked (OpenAI echoes it), the defaults filled in."""
+        asked = self.req.text.model_dump(by_alias=True, exclude_none=True) if self.req.text else {}
+        return {"format": {"type": "text"}, "verbosity": "medium", **asked}
 
     @staticmethod
     def usage(result: Result) -> dict[str, Any]:
@@ -232,6 +267,7 @@ class _Reply:
         return event({"type": kind, **fields, "sequence_number": self.seq}, kind)
 
     def error_event(self, error: LocalGemmaError) -> dict[str, str]:
+        reword(error, WORDS)
         return self.event("error", code=error.openai_code or str(error.code), message=error.message, param=error.param)
 
 
@@ -287,10 +323,11 @@ async def _events(reply: _Reply, first: Union[Chunk, Result], job: Job) -> Async
 
 async def create_response(request: Request, body: ResponsesRequest):
     model, fields = responses_inputs(body)
-    inputs = parse_inputs(fields)
     logprobs = logprobs_option(body)
     reply = _Reply(body, logprobs is not None)
-    job, first = await begin(request, request.app.state.scheduler, model, inputs, logprobs=logprobs)
+    with worded(WORDS):
+        inputs = parse_inputs(fields)
+        job, first = await begin(request, request.app.state.scheduler, model, inputs, logprobs=logprobs)
     if not inputs.stream:
         return reply.whole(first)
     return event_response(_events(reply, first, job), job, reply.error_event)
