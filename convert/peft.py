@@ -95,6 +95,15 @@ def read_peft_adapter(folder: str | Path, *, max_rank: int, max_bytes: int) -> P
     return PeftAdapter(folder, config, modules, tuple(sorted(skipped)))
 
 
+def check_one(path: Path) -> None:
+    """One file of a PEFT folder on its own, as far as it can be judged without the other: the
+    config's every setting, the weights' header (an upload that brings one file at a time)."""
+    if path.name == CONFIG_NAME:
+        _check_config(_read_config(path), path)
+    else:
+        read_safetensors(path)
+
+
 def _find_files(folder: Path) -> tuple[Path, Path]:
     if not folder.is_dir():
         raise ConversionError(f"{folder} is not a folder; pass the folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -147,6 +156,10 @@ def _check_config(config: dict, path: Path) -> None:
         raise ConversionError(f'{path} says "bias": {_show(config["bias"])}; llama.cpp adapters cannot carry '
                               'trained biases: train with bias="none"')
     targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ConversionError(f'{path}: "target_modules" is {_show(targets)}; expected a list of module names '
+                              '(e.g. ["q_proj", "v_proj"]), a regular expression or "all-linear"')
     if isinstance(targets, list):
         bad = sorted({str(t) for t in targets} - set(SUPPORTED_TARGETS) - set(VISION_ONLY_TARGETS))
         if bad:

@@ -326,6 +326,8 @@ def _loc(loc: tuple) -> str:
 
 
 def _show(value: Any) -> str:
+    if not isinstance(value, (str, int, float, bool, list, dict, tuple, type(None))):  # not from JSON
+        return "a file" if hasattr(value, "filename") else f"a {type(value).__name__}"  # a multipart upload
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -291,13 +291,17 @@ def add_asset(name_or_id: str, file_name: str, data: bytes, *, max_rank: Optiona
             files = tuple(f for f in REQUIRED_FILES if (new / f).is_file())
             updated = _replace(entry, files=files, status="pending", sha256=None, rank=None, alpha=None, targets=(),
                                notes=(), version=version, modified_at=_now())
-            if len(files) == len(REQUIRED_FILES):
-                try:
+            try:
+                if len(files) == len(REQUIRED_FILES):
                     updated = _convert(updated, new, new, max_rank=max_rank, max_bytes=max_bytes)
-                except LocalGemmaError as exc:  # the message must not show where the registry lives
-                    exc.message = exc.message.replace(f"{new}{os.sep}", "").replace(str(new), "the uploaded files")
-                    exc.args = (exc.message,)
-                    raise
+                else:  # the other file comes later: refuse now what is wrong with this one alone
+                    from .convert import check_one
+
+                    check_one(new / file_name)
+            except LocalGemmaError as exc:  # the message must not show where the registry lives
+                exc.message = exc.message.replace(f"{new}{os.sep}", "").replace(str(new), "the uploaded files")
+                exc.args = (exc.message,)
+                raise
             _write_meta(updated, entry.folder)  # the commit point
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)

@@ -248,6 +248,34 @@ def test_config_text_json_cannot_hold_is_a_400_and_changes_nothing(srv, adapters
     assert srv.healthy()
 
 
+def test_a_file_uploaded_before_the_other_is_judged_at_once(srv, adapters, tmp_path):
+    """Each asset upload refuses what is wrong with that file alone; the entry keeps no bad file."""
+    created = httpx.post(srv.finetunes(), json={"model": TWO_B, "name": "one-by-one"})
+    ident = created.json()["result"]["id"]
+    url = srv.finetunes(f"/{ident}/finetune-assets")
+    config = json.loads((adapters[2] / "adapter_config.json").read_text())
+    weights = (adapters[2] / "adapter_model.safetensors").read_bytes()
+
+    def send(file_name: str, data: bytes) -> httpx.Response:
+        return httpx.post(url, data={"file_name": file_name}, files={"file": (file_name, data)})
+
+    for data, needle in [(b"{nope", "adapter_config.json is not valid JSON"),
+                         (weights, "adapter_config.json is not valid JSON"),
+                         (json.dumps({**config, "target_modules": 5}).encode(), '"target_modules" is 5; expected'),
+                         (json.dumps({**config, "peft_type": "IA3"}).encode(), '"peft_type": \'IA3\'')]:
+        assert needle in error_of(send("adapter_config.json", data), 400)
+    assert "is not a safetensors file" in error_of(send("adapter_model.safetensors", b"x" * 4), 400)
+    entry = httpx.get(srv.finetunes(f"/{ident}")).json()["result"]
+    assert entry["files"] == [] and entry["status"] == "pending"
+    r = httpx.post(url, data={"file_name": "adapter_config.json"},
+                   files={"file_name": ("x.json", b"{}"), "file": ("adapter_config.json", b"{}")})
+    assert "file_name: Input should be a valid string (got a file)" in error_of(r, 400)
+    assert send("adapter_config.json", json.dumps(config).encode()).status_code == 200
+    assert send("adapter_model.safetensors", weights).json()["result"]["status"] == "ready"
+    httpx.delete(srv.finetunes("/one-by-one"))
+    assert srv.healthy()
+
+
 # -- 4. catastrophic backtracking in PEFT's patterns ----------------------------------------------
 
 def test_backtracking_patterns_neither_freeze_the_server_nor_hang(srv, adapters, tmp_path):
