@@ -102,18 +102,17 @@ class Runtime:
     def prepare(self, model: Optional[str], inputs: Inputs, *, logprobs: Optional[int] = None) -> "Prepared":
         """Everything that can refuse a request, done before any token is generated.
         `logprobs` (the OpenAI doors'): each token's log probability and its top k."""
-        schema, grammar, tools, mode, preamble = None, None, [], "auto", None
+        grammar, tools, mode, preamble = None, [], "auto", None
+        # With tools too, response_format is the shape of a reply that is not a call.
+        schema = None if inputs.response_format is None else structured.schema_of(inputs.response_format)
         if isinstance(inputs, MessagesInputs) and (inputs.tools or inputs.functions):
-            if inputs.response_format is not None:
-                raise InvalidInput("response_format: cannot be combined with tools; use one or the other")
             tools = tools_mod.tools_of(inputs)
             mode, name = tools_mod.choice_of(inputs.tool_choice, tools)
-            grammar = tools_mod.grammar(tools, mode, name)
+            grammar = tools_mod.grammar(tools, mode, name, schema)
             preamble = tools_mod.render(tools) if mode != "none" else None
         elif isinstance(inputs, MessagesInputs) and inputs.tool_choice not in (None, "none", "auto"):
             raise InvalidInput("tool_choice: asks for a tool call, but the request has no tools")
-        if inputs.response_format is not None:
-            schema = structured.schema_of(inputs.response_format)
+        if schema is not None and grammar is None:
             grammar = structured.grammar_for(schema)
         adapters = finetunes.adapters_for(model, inputs.lora)
         engine = self.engine(model)
@@ -196,14 +195,14 @@ class Prepared:
 
     def finish(self, text: str, last: Chunk, logprobs: tuple = ()) -> Result:
         usage = Usage(last.prompt_tokens, last.completion_tokens)
+        if self.tools:
+            cut = self.asked if last.finish_reason == "length" else None
+            call = tools_mod.parse_call(text, self.tools, self.tool_mode, cut, answer=self.schema is not None)
+            if call is not None:
+                return Result(text, "tool_calls", usage, tool_calls=(call,))
         if self.schema is not None:
             value = structured.parse(text, self.schema, last.finish_reason, self.asked)
             return Result(text, last.finish_reason, usage, value=value, logprobs=logprobs)
-        if self.tools:
-            cut = self.asked if last.finish_reason == "length" else None
-            call = tools_mod.parse_call(text, self.tools, self.tool_mode, cut)
-            if call is not None:
-                return Result(text, "tool_calls", usage, tool_calls=(call,))
         return Result(text, last.finish_reason, usage, logprobs=logprobs)
 
 
@@ -211,20 +210,29 @@ class Assembly:
     """Turns one generation's chunks into what a request gives: its text chunks as they come,
     then the Result made from all of them. A tool call never streams as text: with tools
     offered, the reply's first character says whether it is a call (then nothing streams; the
-    Result carries it) or text (then it streams as it comes)."""
+    Result carries it) or text (then it streams as it comes). With a response_format as well,
+    a call and an answer both start with "{": the reply is held to its end, and an answer then
+    goes out as one chunk before its Result."""
 
     def __init__(self, prepared: Prepared):
         self.prepared = prepared
         self.parts: list[str] = []
         self.logprobs: list = []
         self.calling: Optional[bool] = False  # None: not known yet
+        self.holding = False  # everything held until the end (see above)
         if prepared.tools and prepared.tool_mode != "none":
             self.calling = True if prepared.tool_mode in ("required", "function") else None
+            if self.calling is None and prepared.schema is not None:
+                self.calling = self.holding = True
 
     def feed(self, chunk: Chunk) -> tuple[Union[Chunk, Result], ...]:
         """What `chunk` lets out: nothing, a text chunk, or (for the last chunk) the Result."""
         if chunk.finish_reason is not None:
-            return (self.prepared.finish("".join(self.parts), chunk, tuple(self.logprobs)),)
+            text = "".join(self.parts)
+            result = self.prepared.finish(text, chunk, tuple(self.logprobs))
+            if self.holding and not result.tool_calls and text:
+                return Chunk(text, logprobs=tuple(self.logprobs)), result
+            return (result,)
         self.parts.append(chunk.text)
         if chunk.logprobs:
             self.logprobs += chunk.logprobs

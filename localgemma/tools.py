@@ -81,19 +81,52 @@ def render(tools: list[Tool]) -> str:
 
 
 def call_schema(tools: list[Tool]) -> dict:
-    return {"anyOf": [{
-        "type": "object",
-        "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    } for t in tools]}
+    """One object schema per tool, {name, arguments}; each tool's local definitions ($defs, as
+    pydantic writes nested models) moved to the root, where its references now point."""
+    defs: dict[str, Any] = {}
+    calls = []
+    for t in tools:
+        parameters, own = _hoisted(t.parameters, t.name)
+        defs.update(own)
+        calls.append({"type": "object", "properties": {"name": {"const": t.name}, "arguments": parameters},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    return {"anyOf": calls, **({"$defs": defs} if defs else {})}
 
 
-def grammar(tools: list[Tool], mode: str, name: Optional[str]) -> Optional[str]:
-    """GBNF for the reply: a call (required / named), text or a call (auto), or None (none)."""
+_LOCAL = re.compile(r"#/(\$defs|definitions)/(.+)")
+
+
+def _hoisted(parameters: dict, name: str) -> tuple[dict, dict]:
+    """`parameters` without its $defs / definitions, references into them renamed `NAME.KEY`
+    under the root's $defs; and those definitions, renamed."""
+    def renamed(node: Any) -> Any:
+        if isinstance(node, list):
+            return [renamed(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: renamed(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+        ref = node.get("$ref")
+        match = _LOCAL.fullmatch(ref) if isinstance(ref, str) else None
+        if match:
+            out["$ref"] = f"#/$defs/{name}.{match.group(2)}"
+        return out
+
+    own = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    return renamed(parameters), {f"{name}.{key}": renamed(value) for key, value in own.items()}
+
+
+def grammar(tools: list[Tool], mode: str, name: Optional[str], answer: Optional[dict] = None) -> Optional[str]:
+    """GBNF for the reply: a call (required / named), text or a call (auto), or None (none).
+    `answer`: the response_format's schema, which a reply that is not a call then follows (auto)."""
     if mode == "none":
         return None
     chosen = [t for t in tools if t.name == name] if mode == "function" else tools
+    if mode == "auto" and answer is not None:
+        answer, own = _hoisted(structured.check(answer), "response_format")
+        schema = call_schema(chosen)
+        schema["anyOf"].append(answer)
+        schema["$defs"] = {**schema.get("$defs", {}), **own}
+        return grammar_for(schema, "tools")
     call = grammar_for(call_schema(chosen), "tools")
     if mode in ("required", "function"):
         return call
@@ -108,10 +141,23 @@ def is_call(text: str) -> bool:
     return text.startswith("{")
 
 
-def parse_call(text: str, tools: list[Tool], mode: str, cut: Optional[int] = None) -> Optional[dict]:
+def _looks_like_call(text: str, tools: list[Tool]) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return (isinstance(value, dict) and set(value) == {"name", "arguments"}
+            and value["name"] in {t.name for t in tools})
+
+
+def parse_call(text: str, tools: list[Tool], mode: str, cut: Optional[int] = None,
+               answer: bool = False) -> Optional[dict]:
     """The call in a reply, as {"name", "arguments"}; None when the reply is text. `cut`: the
-    max_tokens that ended the reply, if it ended there."""
+    max_tokens that ended the reply, if it ended there. `answer`: a response_format is given,
+    so in auto mode a JSON reply that is not a call is the answer."""
     stripped = text.strip()
+    if answer and mode == "auto" and not _looks_like_call(stripped, tools):
+        return None  # the response_format's answer (parsed, or refused as cut short, by structured.parse)
     if mode == "none" or not is_call(text):
         if mode in ("required", "function"):
             raise StructuredOutputError("tools: the reply was not a tool call (was max_tokens too small?)")

@@ -232,8 +232,9 @@ def pai_model(srv):
 
 
 def test_pydantic_ai_agent_with_a_tool_structured_and_streaming(pai_model):
-    from pydantic_ai import Agent
+    from pydantic_ai import Agent, NativeOutput
     from pydantic_ai.settings import ModelSettings
+    from pydantic_ai.usage import UsageLimits
 
     settings = ModelSettings(temperature=0, max_tokens=48)
     agent = Agent(pai_model, model_settings=settings, system_prompt="Be brief.")
@@ -246,6 +247,11 @@ def test_pydantic_ai_agent_with_a_tool_structured_and_streaming(pai_model):
     assert isinstance(agent.run_sync("Say hello.").output, str)
     person = Agent(pai_model, output_type=Person, model_settings=ModelSettings(temperature=0, max_tokens=64))
     assert 1 <= person.run_sync("A person.").output.age <= 99
+    # Native structured output beside a tool: response_format and tools in one request.
+    native = Agent(pai_model, output_type=NativeOutput(Person), model_settings=ModelSettings(temperature=0,
+                                                                                             max_tokens=64))
+    native.tool_plain(get_weather)
+    assert 1 <= native.run_sync("A person.", usage_limits=UsageLimits(request_limit=4)).output.age <= 99
 
     async def streamed() -> list[str]:
         async with agent.run_stream("Say hello.") as run:
@@ -268,6 +274,12 @@ def test_instructor_tools_with_bounded_ints_and_json_schema(srv):
         person = client.chat.completions.create(model=TWO_B, response_model=Person, max_retries=0, max_tokens=64,
                                                 temperature=0, messages=[{"role": "user", "content": "A person."}])
         assert isinstance(person, Person) and 1 <= person.age <= 99, mode
+    # The Responses API with a forced tool call and text.format together (instructor sends both).
+    client = instructor.from_openai(openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0),
+                                    mode=instructor.Mode.RESPONSES_TOOLS)
+    person = client.responses.create(model=TWO_B, response_model=Person, max_retries=0, max_output_tokens=64,
+                                     temperature=0, input="A person.")
+    assert isinstance(person, Person) and 1 <= person.age <= 99
 
 
 # -- llm ----------------------------------------------------------------------------------------

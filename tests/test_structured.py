@@ -253,8 +253,60 @@ def test_bad_tool_definitions_refused(tools, choice, message):
     assert message in str(info.value)
 
 
-def test_tools_with_response_format_and_choice_without_tools_refused():
-    with pytest.raises(InvalidInput, match="response_format: cannot be combined with tools"):
-        ask(response_format={"type": "json_object"})
+GREETING = {"type": "json_schema", "json_schema": {"type": "object", "properties": {
+    "greeting": {"type": "string", "maxLength": 20}}, "required": ["greeting"]}}
+CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
+
+
+@pytest.mark.e2e
+def test_tools_with_a_response_format_give_a_call_or_an_answer_of_that_shape():
+    """As OpenAI has it (pydantic-ai's NativeOutput with tools, instructor's RESPONSES_TOOLS):
+    a reply that is not a call follows the response_format."""
+    def asked(**fields):
+        return localgemma.run(None, {"messages": [{"role": "user", "content": "Write a greeting. Do not use any tool."}],
+                                     "tools": [CITY_TOOL], "response_format": GREETING, "max_tokens": 120, **fields})
+
+    (call,) = asked(tool_choice="required", temperature=0)["tool_calls"]
+    assert call["name"] == "get_weather" and isinstance(call["arguments"]["city"], str)
+    answer = asked(tool_choice="none", temperature=0)["response"]
+    jsonschema.validate(answer, GREETING["json_schema"])
+    kinds = set()
+    for seed in (1, 2, 3, 4):  # auto: either, each valid (seed 1 answers, found by trying)
+        out = asked(temperature=2, top_k=50, seed=seed)
+        if "tool_calls" in out:
+            kinds.add("call")
+            assert out["tool_calls"][0]["name"] == "get_weather" and out["response"] == ""
+        else:
+            kinds.add("answer")
+            jsonschema.validate(out["response"], GREETING["json_schema"])
+    assert "answer" in kinds
+    events = list(asked(temperature=2, top_k=50, seed=1, stream=True))  # the answer goes out whole, then parsed
+    assert len(events) == 2 and json.loads(events[0]["response"]) == events[1]["parsed"] == asked(
+        temperature=2, top_k=50, seed=1)["response"]
+
+
+def test_a_tools_local_definitions_are_enforced_where_its_references_point():
+    """pydantic writes nested models as $defs + $ref; inside the call schema they would point
+    at the wrapper's root, so each tool's definitions move there, renamed."""
+    from localgemma.tools import Tool, call_schema, grammar
+
+    nested = {"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"], "$defs": {
+        "P": {"type": "object", "properties": {"n": {"type": "string"}, "q": {"$ref": "#/$defs/Q"}}, "required": ["n"]},
+        "Q": {"type": "integer"}}}
+    tools = [Tool("f", "", nested), Tool("g", "", {"type": "object", "properties": {"x": {"$ref": "#/definitions/X"}},
+                                                   "definitions": {"X": {"type": "boolean"}}})]
+    schema = call_schema(tools)
+    assert schema["$defs"] == {"f.P": {"type": "object", "properties": {"n": {"type": "string"},
+                                                                        "q": {"$ref": "#/$defs/f.Q"}}, "required": ["n"]},
+                               "f.Q": {"type": "integer"}, "g.X": {"type": "boolean"}}
+    assert schema["anyOf"][0]["properties"]["arguments"]["properties"]["p"] == {"$ref": "#/$defs/f.P"}
+    for mode in ("auto", "required"):
+        assert "f-P ::=" in grammar(tools, mode, None)
+    assert "f-P ::=" in grammar(tools, "auto", None, {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+                                                      "$defs": {"A": {"type": "string"}}})
+
+
+def test_choice_without_tools_refused():
     with pytest.raises(InvalidInput, match="tool_choice: asks for a tool call, but the request has no tools"):
         localgemma.run(None, {"messages": QUESTION, "tool_choice": "required"})
