@@ -310,3 +310,12 @@ def test_a_tools_local_definitions_are_enforced_where_its_references_point():
 def test_choice_without_tools_refused():
     with pytest.raises(InvalidInput, match="tool_choice: asks for a tool call, but the request has no tools"):
         localgemma.run(None, {"messages": QUESTION, "tool_choice": "required"})
+
+
+def test_enum_values_past_what_the_grammar_holds_in_time_are_refused():
+    from localgemma.structured import MAX_ENUM_VALUES, check
+
+    check({"enum": list(range(MAX_ENUM_VALUES))})
+    with pytest.raises(InvalidInput, match=f"enum values to {MAX_ENUM_VALUES + 2} \\(at most {MAX_ENUM_VALUES}"):
+        check({"type": "object", "properties": {"a": {"enum": list(range(MAX_ENUM_VALUES // 2 + 1))},
+                                                "b": {"enum": list(range(MAX_ENUM_VALUES // 2 + 1))}}})
