@@ -30,7 +30,7 @@ ROLES = ("system", "user", "assistant", "model", "tool")
 
 class _Strict(BaseModel):
     # strict: a string is not a number, nor a number a boolean ("0", true and 1 are refused where
-    # a number, an integer and a boolean are due), as Workers AI's schema validation has it.
+    # a number, an integer and a boolean are due); Integer and Boolean below say the exceptions.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
