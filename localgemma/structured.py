@@ -70,11 +70,10 @@ def _malformed(schema: Any) -> list[str]:
     """Where `schema` breaks JSON Schema's own rules (its metaschema: the draft its `$schema`
     names, else 2020-12), as 'path: what is wrong'. Checked before anything walks the schema
     expecting its shape, and before the answer is validated against it."""
+    from jsonschema.exceptions import best_match
     from jsonschema.validators import Draft202012Validator, validator_for
 
     cls = validator_for(schema, default=Draft202012Validator) if isinstance(schema, dict) else Draft202012Validator
-    from jsonschema.exceptions import best_match
-
     found = []
     for error in cls(cls.META_SCHEMA).iter_errors(schema):
         error = best_match(error.context) if error.context else error  # "not valid under any of..." says less
@@ -123,7 +122,8 @@ def parse(text: str, schema: dict, finish_reason: str, max_tokens: int) -> Any:
         if finish_reason == "length":
             raise StructuredOutputError(
                 f"max_tokens: the JSON was not finished within {max_tokens} tokens; raise max_tokens") from None
-        raise StructuredOutputError(f"response_format: constrained output is not JSON ({exc}): {text[:200]!r}") from None
+        raise StructuredOutputError(
+            f"response_format: constrained output is not JSON ({exc}): {text[:200]!r}") from None
     try:
         import jsonschema
     except ImportError:

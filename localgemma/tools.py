@@ -120,9 +120,11 @@ def grammar(tools: list[Tool], mode: str, name: Optional[str], answer: Optional[
     `answer`: the response_format's schema, which a reply that is not a call then follows (auto)."""
     if mode == "none":
         return None
+    if answer is not None:  # sound whatever the mode, though only auto can answer by it
+        answer = structured.check(answer)
     chosen = [t for t in tools if t.name == name] if mode == "function" else tools
     if mode == "auto" and answer is not None:
-        answer, own = _hoisted(structured.check(answer), "response_format")
+        answer, own = _hoisted(answer, "response_format")
         schema = call_schema(chosen)
         schema["anyOf"].append(answer)
         schema["$defs"] = {**schema.get("$defs", {}), **own}
@@ -141,34 +143,29 @@ def is_call(text: str) -> bool:
     return text.startswith("{")
 
 
-def _looks_like_call(text: str, tools: list[Tool]) -> bool:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return False
-    return (isinstance(value, dict) and set(value) == {"name", "arguments"}
-            and value["name"] in {t.name for t in tools})
-
-
 def parse_call(text: str, tools: list[Tool], mode: str, cut: Optional[int] = None,
                answer: bool = False) -> Optional[dict]:
     """The call in a reply, as {"name", "arguments"}; None when the reply is text. `cut`: the
     max_tokens that ended the reply, if it ended there. `answer`: a response_format is given,
-    so in auto mode a JSON reply that is not a call is the answer."""
-    stripped = text.strip()
-    if answer and mode == "auto" and not _looks_like_call(stripped, tools):
-        return None  # the response_format's answer (parsed, or refused as cut short, by structured.parse)
+    so in auto mode a JSON reply that is not a call is the answer (structured.parse's to judge,
+    cut short or not)."""
+    either = answer and mode == "auto"
     if mode == "none" or not is_call(text):
         if mode in ("required", "function"):
             raise StructuredOutputError("tools: the reply was not a tool call (was max_tokens too small?)")
         return None
     try:
-        call = json.loads(stripped)
+        call = json.loads(text.strip())
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+        if either:
+            return None
         if cut is not None:
             raise StructuredOutputError(f"max_tokens: the tool call was not finished within {cut} tokens; "
                                         "raise max_tokens") from None
         raise StructuredOutputError(f"tools: the tool call is malformed ({exc})") from None
+    if either and not (isinstance(call, dict) and set(call) == {"name", "arguments"}
+                       and call["name"] in {t.name for t in tools}):
+        return None
     tool = next((t for t in tools if t.name == call.get("name")), None)
     if tool is None:
         raise StructuredOutputError(f"tools: the call names {call.get('name')!r}, which is not a tool")

@@ -165,6 +165,16 @@ def test_openai_responses_refuses_what_it_cannot_keep(oai):
         oai.responses.create(model=TWO_B, input="hi", previous_response_id="resp_123")
     with pytest.raises(openai.BadRequestError, match="store"):
         oai.responses.create(model=TWO_B, input="hi", store=True)
+    # Errors name the Responses API's own fields, not the contract's max_tokens / response_format.
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.responses.create(model=TWO_B, input="hi", max_output_tokens=0)
+    assert info.value.param == "max_output_tokens" and "max_tokens" not in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.responses.create(model=TWO_B, input="hi", text={"format": {"type": "json_schema", "name": "x",
+                                                                       "schema": {"type": "object", "properties": 5}}})
+    assert "text.format" in info.value.message and "response_format" not in info.value.message
+    with pytest.raises(openai.BadRequestError, match="text.fromat"):
+        oai.responses.create(model=TWO_B, input="hi", extra_body={"text": {"fromat": {"type": "json_object"}}})
 
 
 # -- cloudflare ---------------------------------------------------------------------------------

@@ -307,6 +307,27 @@ def test_a_tools_local_definitions_are_enforced_where_its_references_point():
                                                       "$defs": {"A": {"type": "string"}}})
 
 
+def test_a_response_format_beside_tools_is_checked_in_every_mode():
+    bad = {"type": "json_schema", "json_schema": {"type": "object", "properties": [1]}}
+    for choice in ("auto", "required", "none", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(InvalidInput, match=r"response_format: not a valid JSON Schema: \$.properties: \[1\]"):
+            localgemma.run(None, {"messages": QUESTION, "tools": [WEATHER], "tool_choice": choice,
+                                  "response_format": bad})
+
+
+def test_a_reply_beside_a_response_format_is_a_call_only_when_it_is_one():
+    from localgemma.tools import Tool, parse_call
+
+    tools = [Tool("get_weather", "", {"type": "object"})]
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert parse_call(call, tools, "auto", answer=True) == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    for reply in ('{"greeting": "hi"}', '{"name": "other", "arguments": {}}', '{"name": "get_weather", "argum',
+                  '"a string answer"'):
+        assert parse_call(reply, tools, "auto", cut=9, answer=True) is None  # the answer's (structured.parse)
+    with pytest.raises(StructuredOutputError, match="max_tokens: the tool call was not finished within 9 tokens"):
+        parse_call('{"name": "get_weather", "argum', tools, "auto", cut=9)
+
+
 def test_choice_without_tools_refused():
     with pytest.raises(InvalidInput, match="tool_choice: asks for a tool call, but the request has no tools"):
         localgemma.run(None, {"messages": QUESTION, "tool_choice": "required"})

@@ -89,7 +89,8 @@ def make_router() -> APIRouter:
 # -- the wire: Ollama's request bodies (unknown fields are refused by name) ----------------------
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # "2", 0 and true are not what a number or boolean field takes
+    # strict: "2", 0 and true are not what a number or a boolean field takes
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 _DURATION = re.compile(r"-?(\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))*")

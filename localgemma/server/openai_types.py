@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # "2", 0 and true are not what a number or boolean field takes
+    # strict: "2", 0 and true are not what a number or a boolean field takes (OpenAI refuses them)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Wire):

@@ -18,7 +18,7 @@ import uuid
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from localgemma.contract import parse_inputs
 from localgemma.errors import LocalGemmaError, Unsupported
@@ -26,13 +26,13 @@ from localgemma.generation import Chunk, Result, TokenLogprob
 
 from .errors import reword, worded
 from .openai_shim import split_model
+from .openai_types import _Wire
 from .queue import Job
 from .sse import begin, dumps, event, event_response
 
 LOGPROBS = "message.output_text.logprobs"
 
 
-_WIRE = ConfigDict(extra="forbid", strict=True)
 # OpenAI's values for `include`; only the logprobs one adds anything here (the others name
 # outputs of tools this server does not run, or stored reasoning it never makes).
 INCLUDABLE = Literal["message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results",
@@ -43,9 +43,7 @@ WORDS = (("response_format.json_schema", "text.format.schema"), ("response_forma
          ("max_tokens", "max_output_tokens"))
 
 
-class TextFormat(BaseModel):
-    model_config = _WIRE
-
+class TextFormat(_Wire):
     type: Literal["text", "json_object", "json_schema"]
     name: Optional[str] = None
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
@@ -53,16 +51,12 @@ class TextFormat(BaseModel):
     strict: Optional[bool] = None
 
 
-class TextConfig(BaseModel):
-    model_config = _WIRE
-
+class TextConfig(_Wire):
     format: Optional[TextFormat] = None
     verbosity: Optional[Literal["low", "medium", "high"]] = None
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # "2", 0 and true are not what a number or boolean field takes
-
+class ResponsesRequest(_Wire):
     model: str
     input: Union[str, list[dict[str, Any]]]
     instructions: Optional[str] = None

@@ -83,7 +83,7 @@ async def _events(first: Chunk | Result, job: Job) -> AsyncIterator[dict[str, st
 # -- finetunes ---------------------------------------------------------------------------------
 
 class FinetuneCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # "2", 0 and true are not what a number or boolean field takes
+    model_config = ConfigDict(extra="forbid", strict=True)  # "yes" is not a boolean
 
     model: str = Field(min_length=1, description="the base model id, e.g. @cf/google/gemma-2b-it-lora")
     name: str = Field(min_length=1, description="1-64 letters, digits, '.', '_' or '-'")
