@@ -160,6 +160,28 @@ def test_a_tool_call_comes_back_as_message_tool_calls(srv, client):
     assert follow.message.content or follow.message.tool_calls
 
 
+class Greeting(BaseModel):
+    greeting: str = Field(max_length=20)
+
+
+def test_format_beside_tools_gives_a_call_or_an_answer_in_the_format(client):
+    """Ollama applies the format and drops every call (ollama/ollama#8095); here, as on /v1, a
+    reply is a call, or else follows the format."""
+    options = {"temperature": 0, "num_predict": 60}
+    out = client.chat(model=NAME, messages=TOOL_LOOP, tools=[WEATHER], format=Greeting.model_json_schema(),
+                      options=options)
+    assert out.message.content == "" and out.message.tool_calls[0].function.arguments == {"city": "Paris"}
+    # test_structured's case that answers (the same prompt, schema and seed as the contract's)
+    messages = [{"role": "user", "content": "Write a greeting. Do not use any tool."}]
+    options = {"temperature": 2, "top_k": 50, "seed": 1, "num_predict": 120}
+    out = client.chat(model=NAME, messages=messages, tools=[WEATHER], format=Greeting.model_json_schema(),
+                      options=options)
+    assert not out.message.tool_calls and Greeting.model_validate_json(out.message.content).greeting
+    parts = list(client.chat(model=NAME, messages=messages, tools=[WEATHER], format=Greeting.model_json_schema(),
+                             options=options, stream=True))
+    assert "".join(p.message.content for p in parts) == out.message.content and parts[-1].done
+
+
 def test_logprobs(client):
     out = client.generate(model=NAME, prompt=RAW, raw=True, options=GREEDY, logprobs=True, top_logprobs=2)
     assert "".join(e.token for e in out.logprobs) == out.response and len(out.logprobs) == out.eval_count

@@ -243,10 +243,14 @@ def test_chat_refuses_what_it_cannot_honour(messages, words):
     assert all(w in info.value.message for w in words), info.value.message
 
 
-def test_format_with_tools_is_refused():
-    with pytest.raises(Unsupported, match="format: cannot be combined with tools"):
-        chat(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {"name": "f"}}],
-             format="json")
+def test_format_goes_with_tools_as_on_v1():
+    """Both reach the contract, which lets a reply be a call or an answer in the format (what
+    users of Ollama asked for in ollama/ollama#8095: there the format hid every call)."""
+    tool = {"type": "function", "function": {"name": "f"}}
+    fields = chat(messages=[{"role": "user", "content": "x"}], tools=[tool], format="json")
+    assert fields["tools"][0]["function"]["name"] == "f" and fields["response_format"] == {"type": "json_object"}
+    inputs = ollama._parse(fields, ollama.Options({}))
+    assert inputs.response_format is not None and len(inputs.tools) == 1
 
 
 @pytest.mark.parametrize("body, words", [

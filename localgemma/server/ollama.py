@@ -464,9 +464,7 @@ def chat_fields(req: ChatRequest, target: Target) -> dict[str, Any]:
                           "Ollama continues (prefill); this server does not: end with a user or tool turn",
                           param="messages")
     fields: dict[str, Any] = {"messages": [_message(i, m) for i, m in enumerate(messages)]}
-    if req.tools:
-        if req.format not in (None, ""):
-            raise Unsupported("format: cannot be combined with tools; use one or the other", param="format")
+    if req.tools:  # beside a format, as /v1 has it: a reply that is not a call follows the format
         fields["tools"] = [tool.model_dump(exclude_none=True) for tool in req.tools]
     return _with(fields, req, target)
 
