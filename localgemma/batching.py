@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 from . import sampling
 from .adapters import AdapterCache
 from .bindings import llama_cpp
-from .engine import Engine
+from .engine import Engine, pad_ctx
 from .errors import InsufficientMemory, LocalGemmaError
 from .generation import Chunk, Decoder, GenerationRequest
 from .memory import cached_sequences
@@ -238,7 +238,7 @@ class Batcher:
         # estimate counts their sequence ids too)
         self.keep = cached_sequences(parallel)
         self._ctx = self._new_context(n_ctx)
-        self.n_batch = engine.n_batch
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)  # the engine's, or less for a batch context under 512
         self.policy = BatchPolicy(parallel, llama_cpp.llama_n_ctx(self._ctx), keep=self.keep)
         self.reused_tokens = 0  # prompt tokens not prefilled thanks to the prefix cache, in all
         self._mem = llama_cpp.llama_get_memory(self._ctx)
@@ -259,7 +259,7 @@ class Batcher:
 
     def _new_context(self, n_ctx: int):
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = pad_ctx(n_ctx)
         cparams.n_batch = cparams.n_ubatch = self.engine.n_batch
         cparams.n_seq_max = self.parallel + self.keep  # the running sequences, and the cached ones
         cparams.kv_unified = True  # one pool of cells: a long request may use what short ones leave

@@ -30,6 +30,13 @@ DEFAULT_N_BATCH = 512
 KV_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
+def pad_ctx(n_ctx: int) -> int:
+    """A context's cells as llama.cpp gives them: n_ctx rounded up to a multiple of 256. Asked
+    for as such, since llama.cpp caps n_batch at the n_ctx *asked* for (300 -> a 512-cell
+    context that takes 300-token batches; a 512-token slice then aborts the process)."""
+    return -(-n_ctx // 256) * 256
+
+
 class Engine:
     def __init__(
         self,
@@ -54,7 +61,7 @@ class Engine:
         self._model = (pending.result() if pending is not None
                        else weights.load(self.path, verbose=settings().verbose, probe=probe))
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
-        n_ctx = n_ctx or min(self.n_ctx_train, DEFAULT_N_CTX)
+        n_ctx = pad_ctx(n_ctx or min(self.n_ctx_train, DEFAULT_N_CTX))
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -68,7 +75,7 @@ class Engine:
             self.close()
             raise InsufficientMemory(f"llama.cpp could not create a {n_ctx}-token context for {self.path.name}")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
-        self.n_batch = n_batch
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)  # at most n_ctx: 256 for a 256-token context
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.bos = llama_cpp.llama_vocab_bos(self._vocab)

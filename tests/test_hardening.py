@@ -582,6 +582,27 @@ def test_leftovers_of_killed_processes_are_swept_by_the_next_write(srv, adapters
     httpx.delete(srv.finetunes("/sweeper"))
 
 
+def test_a_context_not_a_multiple_of_256_takes_prompts_longer_than_it_asked_for(embedded_gguf, tmp_path):
+    """llama.cpp rounds a context up to 256 cells but capped its batch at the number asked
+    for: with --n-ctx 300 a 400-token prompt fitted the 512 cells and its 512-token slice
+    aborted the process (GGML_ASSERT n_tokens_all <= n_batch), from one request."""
+    prompt = " ".join(f"word{i}" for i in range(130))  # ~400 tokens
+    home = home_with_model(tmp_path, embedded_gguf)
+    done = cli("run", "--raw", "--temperature", "0", "--max-tokens", "4", "--n-ctx", "300", prompt, home=home,
+               timeout=120)
+    assert done.returncode == 0 and done.stdout.strip(), done
+    server = Server(home, "--model", f"{TWO_B}={embedded_gguf}", "--batch-ctx", "300",
+                    env={"LOCALGEMMA_N_CTX": "300"})
+    try:
+        for extra in ({}, {"seed": 1}):  # batched (the batch context), alone (the engine's)
+            r = httpx.post(server.url(), json={"prompt": prompt, "raw": True, "max_tokens": 4, "temperature": 0,
+                                               **extra}, timeout=120)
+            assert r.status_code == 200 and r.json()["result"]["usage"]["prompt_tokens"] > 300, r.text
+        assert server.healthy()
+    finally:
+        server.stop()
+
+
 def test_an_empty_api_key_is_refused(tmp_path):
     done = cli("serve", "--api-key", "", "--port", "1", home=tmp_path, timeout=60)
     assert done.returncode == 2 and "--api-key" in done.stderr and "empty" in done.stderr, done
