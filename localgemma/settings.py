@@ -138,9 +138,9 @@ def _structured(annotation: Any) -> bool:
     return _origin(annotation) in (list, dict)
 
 
-def _build(given: dict[str, Any]) -> Settings:
+def _build(given: dict[str, Any], environment: bool = True) -> Settings:
     try:
-        return Settings(**{**from_environment(), **given})
+        return Settings(**{**(from_environment() if environment else {}), **given})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -171,8 +171,8 @@ def option(name: str, *flags: str, **kw: Any):
 
     def check(ctx, param, value):
         if value is not None:
-            try:
-                current(**{name: value})
+            try:  # this flag's value alone: a bad variable is named as such when the command reads them
+                _build({name: value}, environment=False)
             except InvalidInput as exc:
                 raise click.BadParameter(exc.message.split(": ", 1)[-1]) from None
         return value

@@ -50,3 +50,20 @@ def test_a_bad_variable_is_refused_with_its_name_and_value(env, variable, value,
 
 def test_only_the_fields_variables_set_are_read():
     assert from_environment({"LOCALGEMMA_THREADS": "2", "OTHER": "x", "LOCALGEMMA_NOPE": "1"}) == {"threads": "2"}
+
+
+@pytest.mark.parametrize("variable,value,flags,blamed", [
+    ("LOCALGEMMA_N_CTX", "abc", ["run", "--kv-type", "q8_0", "--raw", "Hi"], "--n-ctx / LOCALGEMMA_N_CTX"),
+    ("LOCALGEMMA_KV_TYPE", "q5", ["run", "--n-ctx", "512", "--raw", "Hi"], "--kv-type / LOCALGEMMA_KV_TYPE"),
+    ("LOCALGEMMA_PARALLEL", "0", ["serve", "--port", "1"], "--parallel / LOCALGEMMA_PARALLEL"),
+])
+def test_a_bad_variable_is_blamed_on_itself_not_on_the_flag_given(env, variable, value, flags, blamed):
+    """A flag's check judged the whole settings, the environment's too, and named the flag."""
+    from click.testing import CliRunner
+
+    from localgemma.cli import main
+
+    env(**{variable: value})
+    out = CliRunner().invoke(main, flags)
+    assert out.exit_code != 0 and blamed in out.output and repr(value) in out.output, out.output
+    assert f"Invalid value for '{flags[1]}'" not in out.output
