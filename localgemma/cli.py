@@ -238,6 +238,7 @@ def info(as_json):
     """llama.cpp build, SIMD features, backend, threads, and what each model needs in memory."""
     from . import memory, system
     from .bindings import llama_cpp
+    from .environment import variables
     from .models import CATALOG, home, local_path
     from .settings import current
 
@@ -249,7 +250,7 @@ def info(as_json):
         "backend": system.backend(),
         "simd": system.simd_features(),
         "threads": system.physical_cores(),
-        "available_memory_mib": (available or 0) // 2**20,
+        "available_memory_mib": available // 2**20 if available is not None else "unknown",
         "home": str(home()),
         "llama_cpp_system_info": system.system_info(),
     }
@@ -263,29 +264,38 @@ def info(as_json):
         if shape is None:
             continue
         n_ctx = settings.n_ctx or spec.n_ctx
+        batch = memory.batch_context(settings.batch_ctx, settings.parallel)
         run = memory.estimate(shape, [memory.Context(n_ctx)], settings.kv_type)
-        serve = memory.estimate(shape, [memory.Context(n_ctx), memory.batch_context(settings.batch_ctx, settings.parallel)],
-                                settings.kv_type)
-        largest = memory.largest_context(shape, available, settings.kv_type) if available else None
+        serve = memory.estimate(shape, [memory.Context(n_ctx), batch], settings.kv_type)
+        largest = lambda *others: (memory.largest_context(shape, available, settings.kv_type, others)  # noqa: E731
+                                   if available else None)
         estimates[model_id] = {"run": run.to_dict(), "serve": serve.to_dict(), "here": path is not None,
+                               "n_ctx_train": shape.n_ctx_train,
                                "fits_run": available is None or run.total <= available,
                                "fits_serve": available is None or serve.total <= available,
-                               "largest_context_that_fits": largest}
+                               "largest_context_that_fits": largest(),
+                               "largest_context_that_fits_serve": largest(batch)}
     if as_json:
         click.echo(json.dumps({**facts, "memory": estimates}, indent=2))
         return
     for key, value in facts.items():
         click.echo(f"{key:22} {', '.join(value) if isinstance(value, list) else value}")
     context = settings.n_ctx or "the catalog's"
-    click.echo(f"\nmemory needed at the default settings (context {context}, KV {settings.kv_type}; serve adds a "
-               f"batch context of {settings.batch_ctx} tokens for {settings.parallel} requests):")
+    changed = sorted(f"{name}={value}" for name, value in variables().items()
+                     if name.removeprefix("LOCALGEMMA_").lower() in ("n_ctx", "kv_type", "batch_ctx", "parallel"))
+    click.echo(f"\nmemory needed at {'these' if changed else 'the default'} settings ({', '.join(changed) + '; ' if changed else ''}"
+               f"context {context}, KV {settings.kv_type}; serve adds a batch context of {settings.batch_ctx} tokens "
+               f"for {settings.parallel} requests):")
     for model_id, e in estimates.items():
         verdict = lambda ok: "fits" if ok else "does NOT fit"  # noqa: E731
+        largest = ", ".join(f"{door} {e[key] or 'none'}" for door, key, fits in (
+            ("run", "largest_context_that_fits", e["fits_run"]),
+            ("serve", "largest_context_that_fits_serve", e["fits_serve"])) if not fits)
+        trained = (f"; more than the {e['n_ctx_train']} tokens it was trained on (refused)"
+                   if e["n_ctx_train"] and e["run"]["contexts"][0] > e["n_ctx_train"] else "")
         click.echo(f"  {model_id:32} run {e['run']['total_mib']:>6,} MiB ({verdict(e['fits_run'])}), serve "
                    f"{e['serve']['total_mib']:>6,} MiB ({verdict(e['fits_serve'])})"
-                   + ("" if e["fits_run"] or not e["largest_context_that_fits"] else
-                      f"; largest context that fits: {e['largest_context_that_fits']}"))
-
+                   + (f"; largest context that fits: {largest}" if largest else "") + trained)
 
 from .convert.cli import convert  # noqa: E402  (PEFT -> GGUF, merge, quantize)
 from .server.cli import serve  # noqa: E402  (the HTTP server; its imports are lazy)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import InsufficientMemory
+from .errors import InsufficientMemory, InvalidInput
 
 MiB = 2**20
 KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per cached value
@@ -143,50 +143,71 @@ def _pad(n_ctx: int) -> int:
     return -(-n_ctx // PAD) * PAD
 
 
-def largest_context(shape: Shape, budget: int, kv_type: str, others: Sequence[Context] = ()) -> int:
-    """The most cells (a multiple of 256) the first context can have within `budget` bytes,
-    `others` included; 0 when not even 256 fit."""
-    fixed = estimate(shape, [Context(0), *others], kv_type)
+def largest_context(shape: Shape, budget: int, kv_type: str, others: Sequence[Context] = (), n_seq: int = 1) -> int:
+    """The most cells (a multiple of 256, at most the model's training context) the first
+    context -- with `n_seq` sequence ids -- can have within `budget` bytes, `others` included;
+    0 when not even 256 fit."""
+    fixed = estimate(shape, [Context(0, n_seq), *others], kv_type)
     room = budget - fixed.total
     cells = int(room // shape.kv_per_cell(kv_type)) // PAD * PAD if room > 0 else 0
+    if shape.n_ctx_train >= MIN_CTX:
+        cells = min(cells, shape.n_ctx_train // PAD * PAD)
     return cells if cells >= MIN_CTX else 0
 
 
 def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], kv_type: str = "f16",
-        others: Sequence[Context] = (), available: Optional[int] = None,
-        advice: Sequence[str] = (), shape: Optional[Shape] = None) -> tuple[int, Optional[str]]:
+        batch: Optional[Context] = None, available: Optional[int] = None,
+        shape: Optional[Shape] = None) -> tuple[int, Optional[str]]:
     """The context to load `path` with, and a note when it is not the one asked for.
 
-    `n_ctx` given: it must fit, or InsufficientMemory names the numbers and what would fit.
+    `n_ctx` given: at most the model's training context (else InvalidInput), and it must fit,
+    or InsufficientMemory names the numbers and what would fit -- each way out checked.
     `n_ctx` None: `default_ctx` (None: the model's training context, at most 8192) when it
-    fits, else the largest context that does (the note says so). `others`: further contexts the same model will get (a server's batch context).
-    `advice`: extra ways out the caller offers (e.g. "--batch-ctx 1024"). `shape`: known
-    already (else read from the header)."""
+    fits, else the largest context that does (the note says so). `batch`: the batch context a
+    server adds (its cells stay as set; a smaller --batch-ctx or --exact are offered). `shape`:
+    known already (else read from the header)."""
     from . import system
 
     shape = shape or shape_of(path)
-    want = n_ctx or default_ctx or min(shape.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
+    name = Path(path).name
+    train = shape.n_ctx_train
+    if n_ctx and train and n_ctx > train:
+        raise InvalidInput(f"--n-ctx {n_ctx}: {name} was trained on contexts of {train} tokens; a longer one "
+                           f"gives it positions it has never seen. Use --n-ctx {train} or less")
+    want = n_ctx or default_ctx or min(train or DEFAULT_CTX, DEFAULT_CTX)
+    if not n_ctx and train:
+        want = min(want, train)
     available = system.available_memory() if available is None else available
     if available is None:  # the OS will not say: trust the user
         return want, None
+    others = [batch] if batch else []
     need = estimate(shape, [Context(want), *others], kv_type)
     if need.total <= available:
         return want, None
     largest = largest_context(shape, available, kv_type, others)
-    name = Path(path).name
+    smaller_kv = [t for t in KV_TYPES if KV_TYPES[t] < KV_TYPES[kv_type]]
+    beside = f" beside a batch context of {_pad(batch.n_ctx)} tokens" if batch else ""
     if n_ctx is None and largest:
-        return largest, (f"{name}: a context of {want} tokens would need {need.describe()}, and "
-                         f"{available / MiB:,.0f} MiB is available: using {largest} tokens (set --n-ctx / LOCALGEMMA_N_CTX, or --kv-type q8_0 "
-                         "to fit more)")
+        levers = ["--n-ctx / LOCALGEMMA_N_CTX", *[f"--kv-type {t}" for t in smaller_kv[:1]],
+                  *["a smaller --batch-ctx"][:bool(batch)]]
+        return largest, (f"{name}: a context of {want} tokens{beside} would need {need.describe()}, and "
+                         f"{available / MiB:,.0f} MiB is available: using {largest} tokens (set "
+                         f"{', '.join(levers[:-1])}{' or ' if len(levers) > 1 else ''}{levers[-1]} to fit more)")
     options = []
     if largest:
         options.append(f"a context of {largest} tokens (--n-ctx {largest})")
-    for other in ("q8_0", "q4_0"):
-        if KV_TYPES[other] < KV_TYPES[kv_type] and estimate(shape, [Context(want), *others], other).total <= available:
+    for other in smaller_kv:
+        if estimate(shape, [Context(want), *others], other).total <= available:
             options.append(f"--kv-type {other} (the {want} tokens fit)")
-    options += list(advice)
+    if batch:
+        cells = min(largest_context(shape, available, kv_type, [Context(want)], n_seq=batch.n_seq),
+                    _pad(batch.n_ctx) - PAD)
+        if cells >= MIN_CTX:
+            options.append(f"a smaller batch context (--batch-ctx {cells})")
+        if estimate(shape, [Context(want)], kv_type).total <= available:
+            options.append("no batch context (--exact: one request at a time)")
     way_out = ("; what would fit: " + "; or ".join(options)) if options else \
         ("; nothing would: even its weights and a context of 256 tokens need more. Free memory, or use a smaller "
          "model or quantization")
-    raise InsufficientMemory(f"{name} with a context of {want} tokens needs {need.describe()}, but only "
+    raise InsufficientMemory(f"{name} with a context of {want} tokens{beside} needs {need.describe()}, but only "
                              f"{available / MiB:,.0f} MiB of memory is available{way_out}")

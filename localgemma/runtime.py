@@ -76,11 +76,9 @@ class Runtime:
 
         settings = self._settings()
         spec = CATALOG.get(model or "")
-        others = [] if self.exact else [memory.batch_context(settings.batch_ctx, settings.parallel)]
-        advice = [] if self.exact else [f"a smaller batch context (--batch-ctx {max(256, settings.batch_ctx // 2)})"]
+        batch = None if self.exact else memory.batch_context(settings.batch_ctx, settings.parallel)
         return memory.fit(path or resolve(model).resolve(), n_ctx=settings.n_ctx,
-                          default_ctx=spec.n_ctx if spec else None, kv_type=settings.kv_type, others=others,
-                          advice=advice)
+                          default_ctx=spec.n_ctx if spec else None, kv_type=settings.kv_type, batch=batch)
 
     def batcher(self, engine: "Engine") -> Optional["Batcher"]:
         """The engine's batch scheduler (None when exact), created on first use and kept."""

@@ -41,7 +41,15 @@ def _macos_physical_cores() -> Optional[int]:
 
 
 def available_memory() -> Optional[int]:
-    """Bytes a new model can use without swapping, or None when the OS will not say."""
+    """Bytes a new model can use without swapping, or None when the OS will not say: the
+    machine's available memory, or less when a memory cgroup (a container's --memory) allows
+    less -- there the kernel kills the process at the cgroup's limit, whatever the machine has."""
+    machine = _machine_available()
+    room = cgroup_room()
+    return room if machine is None else machine if room is None else min(machine, room)
+
+
+def _machine_available() -> Optional[int]:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -51,6 +59,54 @@ def available_memory() -> Optional[int]:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
+        return None
+
+
+# (limit, usage, the page cache the kernel reclaims first) per cgroup version
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_room(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> Optional[int]:
+    """What this process's memory cgroup and its ancestors still allow (limit - usage, the
+    reclaimable page cache not counted as used), the tightest of them; None with no limit."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            version, base = 2, root
+        elif "memory" in controllers.split(","):
+            version, base = 1, root / "memory"
+        else:
+            continue
+        # Inside a container the path may be the host's, not visible here: the hierarchy's root
+        # is then the container's own cgroup.
+        leaf = base / path.strip("/")
+        for folder in [leaf, *leaf.relative_to(base).parents] if leaf.is_dir() else [Path(".")]:
+            room = _room(base / folder, *_CGROUP_FILES[version])
+            if room is not None:
+                rooms.append(room)
+    return min(rooms) if rooms else None
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, reclaimable: str) -> Optional[int]:
+    try:
+        limit_text = (folder / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "unlimited" as ~2**63
+            return None
+        usage = int((folder / usage_file).read_text())
+        cache = 0
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == reclaimable:
+                cache = int(value)
+        return max(0, int(limit_text) - max(0, usage - cache))
+    except (OSError, ValueError):
         return None
 
 

@@ -138,8 +138,63 @@ def test_a_server_counts_its_batch_context(bound, monkeypatch, fake_gguf):
     assert Runtime(current(), exact=True).plan(TWO_B) == (8192, None)
     n_served, note = Runtime(current(batch_ctx=2048, parallel=4), exact=False).plan(TWO_B)
     assert 256 <= n_served < 8192 and f"using {n_served} tokens" in note
-    with pytest.raises(InsufficientMemory, match=r"or a smaller batch context \(--batch-ctx 2048\)"):
-        Runtime(current(n_ctx=8192, batch_ctx=4096), exact=False).plan(TWO_B)
+    assert "beside a batch context of 2048 tokens" in note and "a smaller --batch-ctx to fit more" in note
+    monkeypatch.setattr(system, "available_memory", lambda: alone + 100 * MiB)
+    with pytest.raises(InsufficientMemory) as refused:
+        Runtime(current(n_ctx=8192, batch_ctx=16384), exact=False).plan(TWO_B)
+    message = refused.value.message
+    assert "with a context of 8192 tokens beside a batch context of 16384 tokens needs" in message
+    assert "no batch context (--exact: one request at a time)" in message
+    cells = int(message.split("--batch-ctx ")[1].split(")")[0])
+    assert Runtime(current(n_ctx=8192, batch_ctx=cells), exact=False).plan(TWO_B) == (8192, None)  # it fits
+    with pytest.raises(InsufficientMemory):
+        Runtime(current(n_ctx=8192, batch_ctx=cells + 256), exact=False).plan(TWO_B)  # and is the largest
+
+
+def test_every_way_out_a_refusal_offers_fits():
+    """Each option named is checked, alone, against the same memory; none is offered that
+    does not fit, and none at all is 'nothing would'."""
+    batch = memory.batch_context(4096, 4)
+    for available in range(380, 660, 20):
+        try:
+            fit(n_ctx=8192, default_ctx=8192, batch=batch, available=available * MiB)
+            continue
+        except InsufficientMemory as refused:
+            message = refused.message
+        if "nothing would" in message:
+            assert "what would fit" not in message
+            continue
+        for option in message.split("what would fit: ")[1].split("; or "):
+            n_ctx, contexts, kv = 8192, [batch], "f16"
+            if "--n-ctx" in option:
+                n_ctx = int(option.split("--n-ctx ")[1].rstrip(")"))
+            elif "--batch-ctx" in option:
+                contexts = [memory.Context(int(option.split("--batch-ctx ")[1].rstrip(")")), batch.n_seq)]
+            elif "--exact" in option:
+                contexts = []
+            else:
+                kv = option.split("--kv-type ")[1].split()[0]
+            need = memory.estimate(GEMMA_270M, [memory.Context(n_ctx), *contexts], kv).total
+            assert need <= available * MiB, (available, option)
+
+
+def test_the_shrink_note_offers_only_a_kv_type_that_holds_more():
+    _, note = fit(n_ctx=None, default_ctx=8192, available=420 * MiB)
+    assert "or --kv-type q8_0 to fit more" in note
+    _, note = fit(n_ctx=None, default_ctx=8192, kv_type="q8_0", available=420 * MiB)
+    assert "or --kv-type q4_0 to fit more" in note
+    _, note = fit(n_ctx=None, default_ctx=8192, kv_type="q4_0", available=400 * MiB)
+    assert "--kv-type" not in note and "(set --n-ctx / LOCALGEMMA_N_CTX to fit more)" in note
+
+
+def test_a_context_longer_than_the_model_was_trained_on_is_refused_and_never_offered():
+    from localgemma.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="--n-ctx 65536: gemma-3-270m-q4_k_m.gguf was trained on contexts of 32768 "
+                                           "tokens.*Use --n-ctx 32768 or less"):
+        fit(n_ctx=65536, default_ctx=8192, available=64 * 2**30)
+    assert fit(n_ctx=32768, default_ctx=8192, available=64 * 2**30) == (32768, None)
+    assert memory.largest_context(GEMMA_270M, 64 * 2**30, "f16") == 32768  # what fits past it is not offered
 
 
 def test_the_cli_refuses_in_one_line(bound, tiny_memory):
@@ -157,7 +212,8 @@ def test_serve_refuses_at_start_not_at_the_first_request(tiny_memory, fake_gguf)
         result = CliRunner().invoke(serve, ["--model", f"{TWO_B}={fake_gguf}", "--n-ctx", "8192"])
     finally:
         models.unbind(TWO_B)  # --model binds for the process
-    assert result.exit_code == 2 and f"only {tiny_memory / MiB:,.0f} MiB of memory is available" in result.output
+    assert result.exit_code == 1 and result.output.startswith("Error: ")  # as run says it: not a usage error
+    assert f"only {tiny_memory / MiB:,.0f} MiB of memory is available" in result.output
 
 
 def test_info_shows_each_models_needs(monkeypatch):
@@ -172,6 +228,11 @@ def test_info_shows_each_models_needs(monkeypatch):
     assert set(estimates) == set(CATALOG)
     seven = estimates[SEVEN_B]
     assert seven["fits_run"] is False and seven["run"]["kv_mib"] == 3584 and 3000 < seven["largest_context_that_fits"]
+    assert seven["largest_context_that_fits_serve"] < seven["largest_context_that_fits"] and seven["n_ctx_train"] == 8192
+    text = CliRunner().invoke(main, ["info"], env={"LOCALGEMMA_N_CTX": "16384"}).output
+    assert "memory needed at these settings (LOCALGEMMA_N_CTX=16384;" in text
+    assert "largest context that fits: run " in text and "serve " in text
+    assert "more than the 8192 tokens it was trained on (refused)" in text
     assert estimates[EMBEDDED_ID]["fits_serve"] is True
 
 
@@ -220,3 +281,46 @@ def test_the_cli_runs_with_a_q4_0_cache(embedded_gguf):
     assert result.exit_code == 0 and result.output.strip(), result.output
     engine = runtime._default.engine(None)
     assert (engine.kv_type, engine.n_ctx) == ("q4_0", 512)
+
+
+def _cgroup(folder, files: dict[str, str]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_a_containers_memory_limit_is_what_is_available(tmp_path):
+    """docker run --memory 1g: the kernel kills the process at the cgroup's limit however much
+    the machine has, so the limit less what the cgroup uses (its reclaimable page cache not
+    counted) is what a model may take; the tightest of the cgroup and its ancestors."""
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/app/worker\n")
+    root = tmp_path / "sys"
+    _cgroup(root / "app", {"memory.max": str(1024 * MiB), "memory.current": str(300 * MiB),
+                           "memory.stat": f"anon 1\ninactive_file {100 * MiB}\n"})
+    _cgroup(root / "app" / "worker", {"memory.max": "max", "memory.current": str(200 * MiB), "memory.stat": ""})
+    assert system.cgroup_room(root, membership) == (1024 - 200) * MiB
+    (root / "app" / "worker" / "memory.max").write_text(str(512 * MiB))
+    assert system.cgroup_room(root, membership) == (512 - 200) * MiB
+    membership.write_text("0::/elsewhere/on/the/host\n")  # inside a namespace: the root is the container's
+    _cgroup(root, {"memory.max": str(2048 * MiB), "memory.current": str(48 * MiB), "memory.stat": ""})
+    assert system.cgroup_room(root, membership) == 2000 * MiB
+    # cgroup v1: "unlimited" is written as a number near 2**63
+    membership.write_text("4:memory:/box\n0::/\n")
+    _cgroup(root / "memory" / "box", {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": "1",
+                                      "memory.stat": ""})
+    (root / "memory.max").write_text("max")
+    assert system.cgroup_room(root, membership) is None
+    (root / "memory" / "box" / "memory.limit_in_bytes").write_text(str(768 * MiB))
+    (root / "memory" / "box" / "memory.usage_in_bytes").write_text(str(268 * MiB))
+    (root / "memory" / "box" / "memory.stat").write_text(f"cache 9\ntotal_inactive_file {68 * MiB}\n")
+    assert system.cgroup_room(root, membership) == 568 * MiB
+    assert system.cgroup_room(root, tmp_path / "no-such-file") is None
+
+
+def test_available_memory_is_the_tighter_of_the_machine_and_the_cgroup(monkeypatch):
+    monkeypatch.setattr(system, "_machine_available", lambda: 8000 * MiB)
+    monkeypatch.setattr(system, "cgroup_room", lambda: 1000 * MiB)
+    assert system.available_memory() == 1000 * MiB
+    monkeypatch.setattr(system, "cgroup_room", lambda: None)
+    assert system.available_memory() == 8000 * MiB
