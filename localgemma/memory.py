@@ -4,15 +4,18 @@
     KV cache  per context: cells x layers x KV heads x (key + value length) x the cache type's
               bytes per value (f16 2, q8_0 34/32, q4_0 18/32). llama.cpp pads cells to 256 and,
               in this build, gives Gemma 3's sliding-window layers full-size caches too.
-    compute   per context: the logits of its sequences (n_vocab x 4 bytes each) and the
+    compute   per context: the logits of its sequences (n_vocab x 4 bytes each), the
               activations of one n_ubatch-token step, ping-ponged: n_ubatch x 4 x (2 n_ff +
-              4 n_embd) x 2. llama.cpp *reserves* more (a worst case of n_ubatch x n_vocab
+              4 n_embd) x 2, and its attention masks (f16, n_ubatch x the cells in use; two
+              with sliding-window layers), as large as the context once it is full. llama.cpp
+              *reserves* more (a worst case of n_ubatch x n_vocab
               floats: 514 MiB for Gemma 3's 262k vocabulary), but never touches most of it
               for generation, where only the last token's logits are computed.
     runtime   Python, llama.cpp and the server: 120 MiB.
 
-Calibrated on the embedded Gemma 3 270M (resident memory after a 1200-token prompt, one
-context): 2048 cells 413 MiB measured / 418 estimated; 8192: 527 / 526; 32768: 969 / 958.
+Calibrated on the embedded Gemma 3 270M (peak resident memory, `localgemma run` of a prompt
+that fills the context): 2048 cells 415 MiB measured / 422 estimated; 8192: 537 / 542; 32768:
+1026 / 1022; a server at its defaults with both contexts filled: 662 / 656.
 The Gemma 2B/7B rows of the catalog carry their shapes, so `localgemma info` answers "will the
 7B fit on my Pi?" before a 5 GB download.
 """
@@ -48,9 +51,15 @@ class Shape:
     n_vocab: int
     weights: int  # bytes
     n_ctx_train: int
+    swa: bool = False  # sliding-window layers (Gemma 3): a second KV cache, and a second attention mask
 
     def kv_per_cell(self, kv_type: str) -> float:
         return sum(self.n_head_kv) * (self.key_length + self.value_length) * KV_TYPES[kv_type]
+
+    def mask_per_cell(self, n_ubatch: int = N_UBATCH) -> int:
+        """Attention masks (f16) over a context's cells, for one n_ubatch-token step: two with
+        sliding-window layers."""
+        return n_ubatch * 2 * (2 if self.swa else 1)
 
 
 @dataclass(frozen=True)
@@ -128,14 +137,16 @@ def shape_of(path: str | Path) -> Shape:
                  key_length=int(header.hparam("attention.key_length") or head_dim),
                  value_length=int(header.hparam("attention.value_length") or head_dim),
                  n_embd=n_embd, n_ff=int(n_ff), n_vocab=n_vocab, weights=weights,
-                 n_ctx_train=int(header.hparam("context_length") or 0))
+                 n_ctx_train=int(header.hparam("context_length") or 0),
+                 swa=bool(header.hparam("attention.sliding_window")))
 
 
 def estimate(shape: Shape, contexts: Sequence[Context], kv_type: str = "f16", n_ubatch: int = N_UBATCH) -> Estimate:
     contexts = tuple(Context(_pad(c.n_ctx), c.n_seq) for c in contexts)
     kv = sum(c.n_ctx for c in contexts) * shape.kv_per_cell(kv_type)
     step = n_ubatch * 4 * (2 * shape.n_ff + 4 * shape.n_embd) * 2
-    compute = sum(c.n_seq * shape.n_vocab * 4 + step for c in contexts)
+    # masks: a row per step token over the cells in use, all of them at worst
+    compute = sum(c.n_seq * shape.n_vocab * 4 + step + c.n_ctx * shape.mask_per_cell(n_ubatch) for c in contexts)
     return Estimate(shape.weights, math.ceil(kv), compute, RUNTIME_BYTES, kv_type, contexts)
 
 
@@ -149,7 +160,7 @@ def largest_context(shape: Shape, budget: int, kv_type: str, others: Sequence[Co
     0 when not even 256 fit."""
     fixed = estimate(shape, [Context(0, n_seq), *others], kv_type)
     room = budget - fixed.total
-    cells = int(room // shape.kv_per_cell(kv_type)) // PAD * PAD if room > 0 else 0
+    cells = int(room // (shape.kv_per_cell(kv_type) + shape.mask_per_cell())) // PAD * PAD if room > 0 else 0
     if shape.n_ctx_train >= MIN_CTX:
         cells = min(cells, shape.n_ctx_train // PAD * PAD)
     return cells if cells >= MIN_CTX else 0

@@ -36,7 +36,7 @@ CATALOG: dict[str, ModelSpec] = {
             filename="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             shape=Shape(n_layer=18, n_head_kv=(1,) * 18, key_length=256, value_length=256, n_embd=640,
-                        n_ff=2048, n_vocab=262144, weights=246_587_904, n_ctx_train=32768),
+                        n_ff=2048, n_vocab=262144, weights=246_587_904, n_ctx_train=32768, swa=True),
         ),
         # Gemma 1 2B instruction-tuned, what Workers AI serves under this id.
         ModelSpec(
