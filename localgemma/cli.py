@@ -283,9 +283,10 @@ def info(as_json):
     context = settings.n_ctx or "the catalog's"
     changed = sorted(f"{name}={value}" for name, value in variables().items()
                      if name.removeprefix("LOCALGEMMA_").lower() in ("n_ctx", "kv_type", "batch_ctx", "parallel"))
-    click.echo(f"\nmemory needed at {'these' if changed else 'the default'} settings ({', '.join(changed) + '; ' if changed else ''}"
-               f"context {context}, KV {settings.kv_type}; serve adds a batch context of {settings.batch_ctx} tokens "
-               f"for {settings.parallel} requests):")
+    given = ", ".join(changed) + "; " if changed else ""
+    click.echo(f"\nmemory needed at {'these' if changed else 'the default'} settings ({given}context {context}, "
+               f"KV {settings.kv_type}; serve adds a batch context of {settings.batch_ctx} tokens for "
+               f"{settings.parallel} requests):")
     for model_id, e in estimates.items():
         verdict = lambda ok: "fits" if ok else "does NOT fit"  # noqa: E731
         largest = ", ".join(f"{door} {e[key] or 'none'}" for door, key, fits in (

@@ -183,8 +183,8 @@ def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], k
     name = Path(path).name
     train = shape.n_ctx_train
     if n_ctx and train and n_ctx > train:
-        raise InvalidInput(f"--n-ctx {n_ctx}: {name} was trained on contexts of {train} tokens; a longer one "
-                           f"gives it positions it has never seen. Use --n-ctx {train} or less")
+        raise InvalidInput(f"--n-ctx / LOCALGEMMA_N_CTX: {n_ctx} is more than the {train} tokens {name} was trained "
+                           f"on (a longer context gives it positions it has never seen); use {train} or less")
     want = n_ctx or default_ctx or min(train or DEFAULT_CTX, DEFAULT_CTX)
     if not n_ctx and train:
         want = min(want, train)

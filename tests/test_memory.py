@@ -193,8 +193,8 @@ def test_the_shrink_note_offers_only_a_kv_type_that_holds_more():
 def test_a_context_longer_than_the_model_was_trained_on_is_refused_and_never_offered():
     from localgemma.errors import InvalidInput
 
-    with pytest.raises(InvalidInput, match="--n-ctx 65536: gemma-3-270m-q4_k_m.gguf was trained on contexts of 32768 "
-                                           "tokens.*Use --n-ctx 32768 or less"):
+    with pytest.raises(InvalidInput, match="--n-ctx / LOCALGEMMA_N_CTX: 65536 is more than the 32768 tokens "
+                                           "gemma-3-270m-q4_k_m.gguf was trained on.*use 32768 or less"):
         fit(n_ctx=65536, default_ctx=8192, available=64 * 2**30)
     assert fit(n_ctx=32768, default_ctx=8192, available=64 * 2**30) == (32768, None)
     assert memory.largest_context(GEMMA_270M, 64 * 2**30, "f16") == 32768  # what fits past it is not offered
@@ -231,7 +231,8 @@ def test_info_shows_each_models_needs(monkeypatch):
     assert set(estimates) == set(CATALOG)
     seven = estimates[SEVEN_B]
     assert seven["fits_run"] is False and seven["run"]["kv_mib"] == 3584 and 3000 < seven["largest_context_that_fits"]
-    assert seven["largest_context_that_fits_serve"] < seven["largest_context_that_fits"] and seven["n_ctx_train"] == 8192
+    assert seven["largest_context_that_fits_serve"] < seven["largest_context_that_fits"]
+    assert seven["n_ctx_train"] == 8192
     text = CliRunner().invoke(main, ["info"], env={"LOCALGEMMA_N_CTX": "16384"}).output
     assert "memory needed at these settings (LOCALGEMMA_N_CTX=16384;" in text
     assert "largest context that fits: run " in text and "serve " in text
