@@ -289,14 +289,16 @@ def info(as_json):
                f"{settings.parallel} requests):")
     for model_id, e in estimates.items():
         verdict = lambda ok: "fits" if ok else "does NOT fit"  # noqa: E731
-        largest = ", ".join(f"{door} {e[key] or 'none'}" for door, key, fits in (
-            ("run", "largest_context_that_fits", e["fits_run"]),
-            ("serve", "largest_context_that_fits_serve", e["fits_serve"])) if not fits)
+        largest = ", ".join(f"{door} {e[key] or 'none' + beside}" for door, key, fits, beside in (
+            ("run", "largest_context_that_fits", e["fits_run"], ""),
+            ("serve", "largest_context_that_fits_serve", e["fits_serve"],
+             " beside its batch context: `serve` names what would fit")) if not fits)
         trained = (f"; more than the {e['n_ctx_train']} tokens it was trained on (refused)"
                    if e["n_ctx_train"] and e["run"]["contexts"][0] > e["n_ctx_train"] else "")
         click.echo(f"  {model_id:32} run {e['run']['total_mib']:>6,} MiB ({verdict(e['fits_run'])}), serve "
                    f"{e['serve']['total_mib']:>6,} MiB ({verdict(e['fits_serve'])})"
                    + (f"; largest context that fits: {largest}" if largest else "") + trained)
+
 
 from .convert.cli import convert  # noqa: E402  (PEFT -> GGUF, merge, quantize)
 from .server.cli import serve  # noqa: E402  (the HTTP server; its imports are lazy)

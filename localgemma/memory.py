@@ -166,6 +166,16 @@ def largest_context(shape: Shape, budget: int, kv_type: str, others: Sequence[Co
     return cells if cells >= MIN_CTX else 0
 
 
+def _largest_pair(shape: Shape, budget: int, kv_type: str, n_seq: int) -> int:
+    """The most cells a context and a batch context (`n_seq` ids) of the same size can have."""
+    fixed = estimate(shape, [Context(0), Context(0, n_seq)], kv_type).total
+    per_cell = 2 * (shape.kv_per_cell(kv_type) + shape.mask_per_cell())
+    cells = int((budget - fixed) // per_cell) // PAD * PAD if budget > fixed else 0
+    if shape.n_ctx_train >= MIN_CTX:
+        cells = min(cells, shape.n_ctx_train // PAD * PAD)
+    return cells if cells >= MIN_CTX else 0
+
+
 def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], kv_type: str = "f16",
         batch: Optional[Context] = None, available: Optional[int] = None,
         shape: Optional[Shape] = None) -> tuple[int, Optional[str]]:
@@ -188,6 +198,8 @@ def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], k
     want = n_ctx or default_ctx or min(train or DEFAULT_CTX, DEFAULT_CTX)
     if not n_ctx and train:
         want = min(want, train)
+    if not train or _pad(want) <= train:
+        want = _pad(want)  # what llama.cpp gives (engine.pad_ctx), said as such
     available = system.available_memory() if available is None else available
     if available is None:  # the OS will not say: trust the user
         return want, None
@@ -199,24 +211,36 @@ def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], k
     smaller_kv = [t for t in KV_TYPES if KV_TYPES[t] < KV_TYPES[kv_type]]
     beside = f" beside a batch context of {_pad(batch.n_ctx)} tokens" if batch else ""
     if n_ctx is None and largest:
-        levers = ["--n-ctx / LOCALGEMMA_N_CTX", *[f"--kv-type {t}" for t in smaller_kv[:1]],
-                  *["a smaller --batch-ctx"][:bool(batch)]]
+        more = [*[f"--kv-type {t}" for t in smaller_kv[:1]], *["a smaller --batch-ctx"][:bool(batch)]]
         return largest, (f"{name}: a context of {want} tokens{beside} would need {need.describe()}, and "
-                         f"{available / MiB:,.0f} MiB is available: using {largest} tokens (set "
-                         f"{', '.join(levers[:-1])}{' or ' if len(levers) > 1 else ''}{levers[-1]} to fit more)")
+                         f"{available / MiB:,.0f} MiB is available: using {largest} tokens (--n-ctx / "
+                         f"LOCALGEMMA_N_CTX sets it{'; more fits with ' + ' or '.join(more) if more else ''})")
+
+    def fits(contexts: Sequence[Context], kv: str) -> Optional[str]:
+        """With the context as asked (n_ctx given) or shrunk as far as it must (not given):
+        None when nothing fits, else what the context then is."""
+        if n_ctx is not None:
+            return f"the {want} tokens fit" if estimate(shape, [Context(want), *contexts], kv).total <= available \
+                else None
+        cells = min(want, largest_context(shape, available, kv, contexts))
+        return f"a context of {cells} tokens" if cells else None
+
     options = []
     if largest:
         options.append(f"a context of {largest} tokens (--n-ctx {largest})")
     for other in smaller_kv:
-        if estimate(shape, [Context(want), *others], other).total <= available:
-            options.append(f"--kv-type {other} (the {want} tokens fit)")
+        if (result := fits(others, other)) is not None:
+            options.append(f"--kv-type {other} ({result})")
     if batch:
-        cells = min(largest_context(shape, available, kv_type, [Context(want)], n_seq=batch.n_seq),
-                    _pad(batch.n_ctx) - PAD)
+        # Asked for: the context stays, the batch context takes what is left. Not asked for: the
+        # two as large as each other, so the context need not shrink below the batch context.
+        cells = (largest_context(shape, available, kv_type, [Context(want)], n_seq=batch.n_seq) if n_ctx is not None
+                 else _largest_pair(shape, available, kv_type, batch.n_seq))
+        cells = min(cells, _pad(batch.n_ctx) - PAD)
         if cells >= MIN_CTX:
             options.append(f"a smaller batch context (--batch-ctx {cells})")
-        if estimate(shape, [Context(want)], kv_type).total <= available:
-            options.append("no batch context (--exact: one request at a time)")
+        if (result := fits([], kv_type)) is not None:
+            options.append(f"no batch context (--exact: one request at a time; {result})")
     way_out = ("; what would fit: " + "; or ".join(options)) if options else \
         ("; nothing would: even its weights and a context of 256 tokens need more. Free memory, or use a smaller "
          "model or quantization")

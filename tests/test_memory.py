@@ -141,13 +141,14 @@ def test_a_server_counts_its_batch_context(bound, monkeypatch, fake_gguf):
     assert Runtime(current(), exact=True).plan(TWO_B) == (8192, None)
     n_served, note = Runtime(current(batch_ctx=2048, parallel=4), exact=False).plan(TWO_B)
     assert 256 <= n_served < 8192 and f"using {n_served} tokens" in note
-    assert "beside a batch context of 2048 tokens" in note and "a smaller --batch-ctx to fit more" in note
+    assert "beside a batch context of 2048 tokens" in note and "more fits with --kv-type q8_0 or a smaller --batch-ctx" \
+        in note
     monkeypatch.setattr(system, "available_memory", lambda: alone + 100 * MiB)
     with pytest.raises(InsufficientMemory) as refused:
         Runtime(current(n_ctx=8192, batch_ctx=16384), exact=False).plan(TWO_B)
     message = refused.value.message
     assert "with a context of 8192 tokens beside a batch context of 16384 tokens needs" in message
-    assert "no batch context (--exact: one request at a time)" in message
+    assert "no batch context (--exact: one request at a time; the 8192 tokens fit)" in message
     cells = int(message.split("--batch-ctx ")[1].split(")")[0])
     assert Runtime(current(n_ctx=8192, batch_ctx=cells), exact=False).plan(TWO_B) == (8192, None)  # it fits
     with pytest.raises(InsufficientMemory):
@@ -183,11 +184,35 @@ def test_every_way_out_a_refusal_offers_fits():
 
 def test_the_shrink_note_offers_only_a_kv_type_that_holds_more():
     _, note = fit(n_ctx=None, default_ctx=8192, available=420 * MiB)
-    assert "or --kv-type q8_0 to fit more" in note
+    assert "(--n-ctx / LOCALGEMMA_N_CTX sets it; more fits with --kv-type q8_0)" in note
     _, note = fit(n_ctx=None, default_ctx=8192, kv_type="q8_0", available=420 * MiB)
-    assert "or --kv-type q4_0 to fit more" in note
+    assert "more fits with --kv-type q4_0" in note
     _, note = fit(n_ctx=None, default_ctx=8192, kv_type="q4_0", available=400 * MiB)
-    assert "--kv-type" not in note and "(set --n-ctx / LOCALGEMMA_N_CTX to fit more)" in note
+    assert "--kv-type" not in note and "(--n-ctx / LOCALGEMMA_N_CTX sets it)" in note
+
+
+def test_a_default_server_that_fits_nowhere_offers_what_would_and_each_does():
+    """serve with no --n-ctx, where not even 256 tokens fit beside the batch context: the
+    refusal offers --exact, a smaller batch context and smaller KV types -- each followed
+    here, each fitting (it said 'nothing would')."""
+    batch = memory.batch_context(4096, 4)
+    for available in (420, 450, 500):
+        with pytest.raises(InsufficientMemory) as refused:
+            fit(n_ctx=None, default_ctx=8192, batch=batch, available=available * MiB)
+        message = refused.value.message
+        assert "what would fit" in message and "--exact" in message, message
+        assert ("--batch-ctx" in message) == (available > 420), message  # at 420 the weights and two steps fill it
+        for option in message.split("what would fit: ")[1].split("; or "):
+            kw = {"n_ctx": None, "default_ctx": 8192, "batch": batch, "available": available * MiB}
+            if "--batch-ctx" in option:
+                kw["batch"] = memory.Context(int(option.split("--batch-ctx ")[1].split(")")[0]), batch.n_seq)
+            elif "--exact" in option:
+                kw["batch"] = None
+            elif "--kv-type" in option:
+                kw["kv_type"] = option.split("--kv-type ")[1].split()[0]
+            n_ctx, _ = fit(**kw)  # raises if it does not fit
+            if "--batch-ctx" in option:
+                assert n_ctx >= kw["batch"].n_ctx  # the context is not shrunk below the batch context
 
 
 def test_a_context_longer_than_the_model_was_trained_on_is_refused_and_never_offered():

@@ -9,7 +9,7 @@ import os
 
 import click
 
-from localgemma.errors import InsufficientMemory, LocalGemmaError
+from localgemma.errors import LocalGemmaError
 from localgemma.settings import current, option
 
 
@@ -55,10 +55,8 @@ def serve(models, **flags):
     for model in settings.served_models:  # refuse now what would not fit, not at the first request
         try:
             contexts.append(app.state.runtime.plan(model)[0])
-        except InsufficientMemory as exc:  # not a usage error: said as run and chat say it (exit 1)
+        except LocalGemmaError as exc:  # memory, or past the training context: said as run says it (exit 1)
             raise click.ClickException(exc.message) from None
-        except LocalGemmaError as exc:
-            raise click.UsageError(exc.message) from None
     if not settings.api_key and not _is_loopback(settings.host):
         click.echo(f"warning: listening on {settings.host} without --api-key: anyone who can reach it can use it",
                    err=True)
@@ -69,7 +67,8 @@ def serve(models, **flags):
                f"  Ollama:     {base}/api (OLLAMA_HOST={settings.host}:{settings.port})\n"
                f"  Playground: {base}/\n"
                f"  Context:    {' / '.join(map(str, contexts))} tokens for a request run alone"
-               + ("" if settings.exact else f", {settings.batch_ctx} shared by {settings.parallel} batched ones")
+               + ("" if settings.exact else f", {-(-settings.batch_ctx // 256) * 256} shared by {settings.parallel} "
+                  "batched ones")
                + f"; KV cache {settings.kv_type}", err=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5,
                 http=guarded_protocol(settings.header_timeout, settings.max_connections))
