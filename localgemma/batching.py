@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterator, Optional
 from . import sampling
 from .adapters import AdapterCache
 from .bindings import llama_cpp
-from .engine import Engine, pad_ctx
+from .engine import Engine
 from .errors import InsufficientMemory, LocalGemmaError
 from .generation import Chunk, Decoder, GenerationRequest
-from .memory import cached_sequences
+from .memory import cached_sequences, pad_ctx
 
 log = logging.getLogger("localgemma")
 FAIR_STEPS = 32  # steps one adapter set may keep admitting while another set waits

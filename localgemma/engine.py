@@ -19,6 +19,7 @@ from .adapters import AdapterCache
 from .bindings import llama_cpp
 from .errors import ContextOverflow, InsufficientMemory, InvalidInput, LocalGemmaError
 from .generation import AdapterRef, Chunk, Decoder, GenerationRequest
+from .memory import pad_ctx
 from .settings import current as settings
 
 log = logging.getLogger("localgemma")
@@ -28,13 +29,6 @@ DEFAULT_N_BATCH = 512
 # llama.cpp's KV cache types (`--kv-type`): ggml type ids. Quantized caches need flash
 # attention, which llama.cpp turns on by itself on the CPU ("auto").
 KV_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
-
-
-def pad_ctx(n_ctx: int) -> int:
-    """A context's cells as llama.cpp gives them: n_ctx rounded up to a multiple of 256. Asked
-    for as such, since llama.cpp caps n_batch at the n_ctx *asked* for (300 -> a 512-cell
-    context that takes 300-token batches; a 512-token slice then aborts the process)."""
-    return -(-n_ctx // 256) * 256
 
 
 class Engine:

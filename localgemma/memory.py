@@ -142,7 +142,7 @@ def shape_of(path: str | Path) -> Shape:
 
 
 def estimate(shape: Shape, contexts: Sequence[Context], kv_type: str = "f16", n_ubatch: int = N_UBATCH) -> Estimate:
-    contexts = tuple(Context(_pad(c.n_ctx), c.n_seq) for c in contexts)
+    contexts = tuple(Context(pad_ctx(c.n_ctx), c.n_seq) for c in contexts)
     kv = sum(c.n_ctx for c in contexts) * shape.kv_per_cell(kv_type)
     step = n_ubatch * 4 * (2 * shape.n_ff + 4 * shape.n_embd) * 2
     # masks: a row per step token over the cells in use, all of them at worst
@@ -150,7 +150,10 @@ def estimate(shape: Shape, contexts: Sequence[Context], kv_type: str = "f16", n_
     return Estimate(shape.weights, math.ceil(kv), compute, RUNTIME_BYTES, kv_type, contexts)
 
 
-def _pad(n_ctx: int) -> int:
+def pad_ctx(n_ctx: int) -> int:
+    """A context's cells as llama.cpp gives them: n_ctx rounded up to a multiple of 256. The
+    engine asks for them so, since llama.cpp caps n_batch at the n_ctx *asked* for (300 -> a
+    512-cell context that takes 300-token batches; a 512-token slice then aborts the process)."""
     return -(-n_ctx // PAD) * PAD
 
 
@@ -198,8 +201,8 @@ def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], k
     want = n_ctx or default_ctx or min(train or DEFAULT_CTX, DEFAULT_CTX)
     if not n_ctx and train:
         want = min(want, train)
-    if not train or _pad(want) <= train:
-        want = _pad(want)  # what llama.cpp gives (engine.pad_ctx), said as such
+    if not train or pad_ctx(want) <= train:
+        want = pad_ctx(want)  # what llama.cpp gives, said as such
     available = system.available_memory() if available is None else available
     if available is None:  # the OS will not say: trust the user
         return want, None
@@ -209,7 +212,7 @@ def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], k
         return want, None
     largest = largest_context(shape, available, kv_type, others)
     smaller_kv = [t for t in KV_TYPES if KV_TYPES[t] < KV_TYPES[kv_type]]
-    beside = f" beside a batch context of {_pad(batch.n_ctx)} tokens" if batch else ""
+    beside = f" beside a batch context of {pad_ctx(batch.n_ctx)} tokens" if batch else ""
     if n_ctx is None and largest:
         more = [*[f"--kv-type {t}" for t in smaller_kv[:1]], *["a smaller --batch-ctx"][:bool(batch)]]
         return largest, (f"{name}: a context of {want} tokens{beside} would need {need.describe()}, and "
@@ -236,7 +239,7 @@ def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], k
         # two as large as each other, so the context need not shrink below the batch context.
         cells = (largest_context(shape, available, kv_type, [Context(want)], n_seq=batch.n_seq) if n_ctx is not None
                  else _largest_pair(shape, available, kv_type, batch.n_seq))
-        cells = min(cells, _pad(batch.n_ctx) - PAD)
+        cells = min(cells, pad_ctx(batch.n_ctx) - PAD)
         if cells >= MIN_CTX:
             options.append(f"a smaller batch context (--batch-ctx {cells})")
         if (result := fits([], kv_type)) is not None:

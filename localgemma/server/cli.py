@@ -43,6 +43,8 @@ def serve(models, **flags):
     """Serve Workers AI's REST API (/client/v4/accounts/ID/ai/...) and an OpenAI-style API (/v1)."""
     import uvicorn
 
+    from localgemma.memory import pad_ctx
+
     from .app import create_app
     from .protocol import guarded_protocol
 
@@ -67,8 +69,7 @@ def serve(models, **flags):
                f"  Ollama:     {base}/api (OLLAMA_HOST={settings.host}:{settings.port})\n"
                f"  Playground: {base}/\n"
                f"  Context:    {' / '.join(map(str, contexts))} tokens for a request run alone"
-               + ("" if settings.exact else f", {-(-settings.batch_ctx // 256) * 256} shared by {settings.parallel} "
-                  "batched ones")
+               + ("" if settings.exact else f", {pad_ctx(settings.batch_ctx)} shared by {settings.parallel} batched ones")
                + f"; KV cache {settings.kv_type}", err=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5,
                 http=guarded_protocol(settings.header_timeout, settings.max_connections))
