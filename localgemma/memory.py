@@ -157,22 +157,14 @@ def pad_ctx(n_ctx: int) -> int:
     return -(-n_ctx // PAD) * PAD
 
 
-def largest_context(shape: Shape, budget: int, kv_type: str, others: Sequence[Context] = (), n_seq: int = 1) -> int:
+def largest_context(shape: Shape, budget: int, kv_type: str, others: Sequence[Context] = (), n_seq: int = 1,
+                    growing: int = 1) -> int:
     """The most cells (a multiple of 256, at most the model's training context) the first
     context -- with `n_seq` sequence ids -- can have within `budget` bytes, `others` included;
-    0 when not even 256 fit."""
-    fixed = estimate(shape, [Context(0, n_seq), *others], kv_type)
-    room = budget - fixed.total
-    cells = int(room // (shape.kv_per_cell(kv_type) + shape.mask_per_cell())) // PAD * PAD if room > 0 else 0
-    if shape.n_ctx_train >= MIN_CTX:
-        cells = min(cells, shape.n_ctx_train // PAD * PAD)
-    return cells if cells >= MIN_CTX else 0
-
-
-def _largest_pair(shape: Shape, budget: int, kv_type: str, n_seq: int) -> int:
-    """The most cells a context and a batch context (`n_seq` ids) of the same size can have."""
-    fixed = estimate(shape, [Context(0), Context(0, n_seq)], kv_type).total
-    per_cell = 2 * (shape.kv_per_cell(kv_type) + shape.mask_per_cell())
+    0 when not even 256 fit. `growing`: how many contexts take that many cells (2: the context
+    and a batch context of the same size, the batch one the last of `others`)."""
+    fixed = estimate(shape, [Context(0, n_seq), *others], kv_type).total
+    per_cell = growing * (shape.kv_per_cell(kv_type) + shape.mask_per_cell())
     cells = int((budget - fixed) // per_cell) // PAD * PAD if budget > fixed else 0
     if shape.n_ctx_train >= MIN_CTX:
         cells = min(cells, shape.n_ctx_train // PAD * PAD)
@@ -238,7 +230,7 @@ def fit(path: str | Path, *, n_ctx: Optional[int], default_ctx: Optional[int], k
         # Asked for: the context stays, the batch context takes what is left. Not asked for: the
         # two as large as each other, so the context need not shrink below the batch context.
         cells = (largest_context(shape, available, kv_type, [Context(want)], n_seq=batch.n_seq) if n_ctx is not None
-                 else _largest_pair(shape, available, kv_type, batch.n_seq))
+                 else largest_context(shape, available, kv_type, [Context(0, batch.n_seq)], growing=2))
         cells = min(cells, pad_ctx(batch.n_ctx) - PAD)
         if cells >= MIN_CTX:
             options.append(f"a smaller batch context (--batch-ctx {cells})")

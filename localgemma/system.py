@@ -87,8 +87,9 @@ def cgroup_room(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/p
         # Inside a container the path may be the host's, not visible here: the hierarchy's root
         # is then the container's own cgroup.
         leaf = base / path.strip("/")
-        for folder in [leaf, *leaf.relative_to(base).parents] if leaf.is_dir() else [Path(".")]:
-            room = _room(base / folder, *_CGROUP_FILES[version])
+        folders = [leaf, *(p for p in leaf.parents if p.is_relative_to(base))] if leaf.is_dir() else [base]
+        for folder in folders:
+            room = _room(folder, *_CGROUP_FILES[version])
             if room is not None:
                 rooms.append(room)
     return min(rooms) if rooms else None
