@@ -180,6 +180,14 @@ def test_format_beside_tools_gives_a_call_or_an_answer_in_the_format(client):
     parts = list(client.chat(model=NAME, messages=messages, tools=[WEATHER], format=Greeting.model_json_schema(),
                              options=options, stream=True))
     assert "".join(p.message.content for p in parts) == out.message.content and parts[-1].done
+    import ollama
+
+    for bad, said in (({"type": "object", "properties": [1]}, "$.properties: [1] is not of type 'object'"),
+                      ({"type": "object", "minItems": -5}, "$.minItems: -5 is less than the minimum of 0")):
+        with pytest.raises(ollama.ResponseError) as refused:  # a 400 naming the field, before generating
+            client.chat(model=NAME, messages=messages, tools=[WEATHER], format=bad, options=options)
+        assert refused.value.status_code == 400 and refused.value.error.startswith("format: not a valid JSON Schema")
+        assert said in refused.value.error
 
 
 def test_logprobs(client):
