@@ -54,12 +54,18 @@ MIN_REUSE = 8  # a cached start shorter than this is not worth its cells (every 
 # Measured in the README's performance section.
 
 
+# Takes a sequence's items; may return what to call before the next step (see _Sequence).
+Emit = Callable[[Any], Optional[Callable[[], None]]]
+
+
 class _Sequence:
     """One request's state in the batch; owned by the loop thread once admitted. `emit` takes
     its chunks, in the loop thread: each text Chunk, then the last Chunk (finish_reason set), an
-    exception, or None (it was cancelled), after which nothing more."""
+    exception, or None (it was cancelled), after which nothing more. It may return a function:
+    the loop calls it once the step's chunks are all emitted, before the next step (a consumer
+    that wants its first chunk written before decoding takes the CPU back waits there, bounded)."""
 
-    def __init__(self, request: GenerationRequest, since: int, emit: Callable[[Any], None]):
+    def __init__(self, request: GenerationRequest, since: int, emit: Emit):
         self.request, self.since = request, since  # since: the step it started waiting at (fairness)
         self.group = request.adapters
         self.sampler = self.decoder = None
@@ -284,7 +290,7 @@ class Batcher:
         with self.exclusive():
             yield from chunks
 
-    def submit(self, request: GenerationRequest, emit: Callable[[Any], None]) -> Optional[Callable[[], None]]:
+    def submit(self, request: GenerationRequest, emit: Emit) -> Optional[Callable[[], None]]:
         """`generate`, pushed: the loop thread hands each chunk to `emit` (see _Sequence), so no
         thread of the caller's wakes per token. Returns the function that cancels the request;
         None if the request must run alone (see `generate`): nothing was taken."""
@@ -292,7 +298,7 @@ class Batcher:
             return None
         return self._enqueue(request, emit).cancel
 
-    def _enqueue(self, request: GenerationRequest, emit: Callable[[Any], None]) -> _Sequence:
+    def _enqueue(self, request: GenerationRequest, emit: Emit) -> _Sequence:
         req = _Sequence(request, self.policy.steps, emit)
         e = self.engine
         req.sampler = sampling.make_sampler(request.sampling, e._vocab, e.n_vocab, self.policy.n_ctx)
@@ -414,8 +420,13 @@ class Batcher:
                 self._advance(req, idx)
         finally:
             outbox, self._outbox = self._outbox, []
-            for req, item in outbox:
-                self._emit(req, item)
+            after = [self._emit(req, item) for req, item in outbox]
+            for wait in after:
+                if callable(wait):  # what an emit returned (see _Sequence)
+                    try:
+                        wait()
+                    except Exception:  # noqa: BLE001 - a consumer's failure must not stop the loop for all
+                        log.exception("a request's consumer failed while the batch waited on it")
 
     def _fill(self) -> list[tuple[_Sequence, int]]:
         """This step's batch: every decoding sequence's last token first (one each), then the
@@ -480,12 +491,13 @@ class Batcher:
             self._emit(req, item)
 
     @staticmethod
-    def _emit(req: _Sequence, item) -> None:
+    def _emit(req: _Sequence, item) -> Optional[Callable[[], None]]:
         try:
-            req.emit(item)
+            return req.emit(item)
         except Exception:  # noqa: BLE001 - a consumer's failure must not stop the loop for all
             log.exception("a request's consumer failed; the request is cancelled")
             req.cancelled = True
+            return None
 
     # -- measurement ------------------------------------------------------------------------
 

@@ -157,12 +157,19 @@ class FakeRuntime:
     """Runtime stand-in, pulled (as for a request that runs alone): `n` chunks, one per `delay`
     seconds, then the Result; it records where its generator was closed."""
 
-    def __init__(self, n=1000, delay=0.002):
-        self.n, self.delay = n, delay
+    def __init__(self, n=1000, delay=0.002, quick=False):
+        self.n, self.delay, self.is_quick = n, delay, quick
         self.pulled = 0
         self.closed_in = None
         self.gate = threading.Event()
         self.gate.set()
+
+    @property
+    def emitted(self):
+        return self.pulled
+
+    def quick(self, model, inputs):
+        return self.is_quick
 
     def open(self, model, inputs):
         if getattr(inputs, "fail", False):
@@ -187,11 +194,15 @@ class PushedRuntime:
     (the batch thread), `n` chunks then the Result, until cancelled (then None), as
     Batcher.submit does; `fail_at`: an exception instead of that chunk."""
 
-    def __init__(self, n=1000, delay=0.002, fail_at=None):
-        self.n, self.delay, self.fail_at = n, delay, fail_at
-        self.emitted, self.threads = 0, set()
+    def __init__(self, n=1000, delay=0.002, fail_at=None, quick=False):
+        self.n, self.delay, self.fail_at, self.is_quick = n, delay, fail_at, quick
+        self.emitted, self.threads, self.opened_in = 0, set(), None
+
+    def quick(self, model, inputs):
+        return self.is_quick
 
     def open(self, model, inputs):
+        self.opened_in = threading.get_ident()
         return SimpleNamespace(push=lambda emit: self._push(emit, inputs.stream))
 
     def _push(self, emit, stream):
@@ -208,7 +219,9 @@ class PushedRuntime:
                     emit(InvalidInput("boom: the batch failed"))
                     return
                 self.emitted += 1
-                emit(Chunk(str(i)))
+                after = emit(Chunk(str(i)))
+                if after is not None:  # as the batcher: before its next step
+                    after()
             emit(Result("whole" if not stream else "", "stop", Usage(1, self.n)))
 
         threading.Thread(target=batch, daemon=True).start()
@@ -289,7 +302,10 @@ def test_a_waiter_that_leaves_frees_its_place(fake):
     assert result.text == "whole" and states[1] == "cancelled"
 
 
-def test_failure_before_the_first_chunk_is_raised_by_get(fake):
+@pytest.mark.parametrize("quick", [False, True])
+def test_failure_before_the_first_chunk_is_raised_by_get(fake, quick):
+    fake.is_quick = quick  # quick: refused by the event loop itself, else in the job's thread
+
     async def main():
         sched = queue.Scheduler(fake, max_queue=0)
         job = await sched.start("m", ask(fail=True))
@@ -301,9 +317,10 @@ def test_failure_before_the_first_chunk_is_raised_by_get(fake):
     assert asyncio.run(main()).text == "whole"
 
 
-def test_a_pushed_request_streams_from_the_batch_thread_and_cancels_there(monkeypatch):
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_pushed_request_streams_from_the_batch_thread_and_cancels_there(monkeypatch, quick):
     monkeypatch.setattr(queue, "_engine_key", lambda model: model)
-    runtime = PushedRuntime(delay=0.005)
+    runtime = PushedRuntime(delay=0.005, quick=quick)
 
     async def main():
         sched = queue.Scheduler(runtime, max_queue=1)
@@ -321,13 +338,16 @@ def test_a_pushed_request_streams_from_the_batch_thread_and_cancels_there(monkey
     assert len(rest) <= 2 and all(isinstance(item, Chunk) for item in rest)
     assert job.stats.state == "cancelled" and job.stats.chunks_after_cancel <= 2 and job._finished.is_set()
     assert runtime.emitted < 20  # the batch thread stopped, not the job's
+    # quick: prepared by the event loop itself (the test's main thread), not a job's thread
+    assert (runtime.opened_in == threading.get_ident()) == quick
 
 
-def test_a_pushed_failure_mid_stream_is_raised_and_frees_the_line(monkeypatch):
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_pushed_failure_mid_stream_is_raised_and_frees_the_line(monkeypatch, quick):
     monkeypatch.setattr(queue, "_engine_key", lambda model: model)
 
     async def main():
-        sched = queue.Scheduler(PushedRuntime(n=3, fail_at=2), max_queue=0)
+        sched = queue.Scheduler(PushedRuntime(n=3, fail_at=2, quick=quick), max_queue=0)
         job = await sched.start("m", ask(stream=True))
         got = [await job.get(), await job.get()]
         with pytest.raises(InvalidInput, match="boom"):
@@ -339,7 +359,8 @@ def test_a_pushed_failure_mid_stream_is_raised_and_frees_the_line(monkeypatch):
     assert got == [Chunk("0"), Chunk("1")] and job.stats.state == "failed" and admitted == 0
 
 
-def test_a_request_that_fails_while_being_handed_to_the_batcher_is_stopped_there(monkeypatch):
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_request_that_fails_while_being_handed_to_the_batcher_is_stopped_there(monkeypatch, quick):
     monkeypatch.setattr(queue, "_engine_key", lambda model: model)
     stopped = threading.Event()
 
@@ -348,7 +369,7 @@ def test_a_request_that_fails_while_being_handed_to_the_batcher_is_stopped_there
         emit(InvalidInput("boom: at once"))
         return stopped.set
 
-    runtime = SimpleNamespace(open=lambda model, inputs: SimpleNamespace(push=push))
+    runtime = SimpleNamespace(open=lambda model, inputs: SimpleNamespace(push=push), quick=lambda m, i: quick)
 
     async def main():
         sched = queue.Scheduler(runtime, max_queue=0)
@@ -361,6 +382,78 @@ def test_a_request_that_fails_while_being_handed_to_the_batcher_is_stopped_there
     first, last, job = asyncio.run(main())
     assert first == Chunk("0") and last is queue.END and job.stats.state == "failed"
     assert stopped.wait(5)  # the batcher is told, or it would decode to max_tokens for nobody
+
+
+def _first_then_second(runtime, hold_first, between):
+    """A stream's first chunk, `between(job)`, then its second; (first, chunks the batch had
+    emitted when `between` ended, second, job)."""
+    async def main():
+        sched = queue.Scheduler(runtime, max_queue=0)
+        job = await sched.start("m", ask(stream=True), hold_first=hold_first)
+        first = await job.get()
+        await between(job)
+        emitted = runtime.emitted
+        second = await asyncio.wait_for(job.get(), 5)
+        job.cancel()
+        return first, emitted, second, job
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_stream_holds_the_batch_after_its_first_chunk_until_it_is_written(monkeypatch, quick):
+    monkeypatch.setattr(queue, "_engine_key", lambda model: model)
+    monkeypatch.setattr(queue, "FIRST_HOLD", 30.0)
+    runtime = PushedRuntime(n=50, delay=0.001, quick=quick)
+
+    async def written_later(job):
+        await asyncio.sleep(0.2)  # 200 batch steps' time: the batch thread waits
+        job.sent_first()
+
+    first, emitted, second, _ = _first_then_second(runtime, True, written_later)
+    assert (first, emitted, second) == (Chunk("0"), 1, Chunk("1"))
+
+
+def test_the_hold_is_bounded_and_off_unless_asked(monkeypatch):
+    monkeypatch.setattr(queue, "_engine_key", lambda model: model)
+    monkeypatch.setattr(queue, "FIRST_HOLD", 0.01)
+
+    async def never_written(job):
+        await asyncio.sleep(0.2)
+
+    first, emitted, second, _ = _first_then_second(PushedRuntime(n=50, delay=0.001), True, never_written)
+    assert second == Chunk("1") and emitted > 1  # went on after FIRST_HOLD without sent_first
+    monkeypatch.setattr(queue, "FIRST_HOLD", 30.0)
+    first, emitted, second, _ = _first_then_second(PushedRuntime(n=50, delay=0.001), False, never_written)
+    assert second == Chunk("1") and emitted > 1  # no hold asked: no wait at all
+
+
+def test_cancelling_a_held_stream_releases_the_batch(monkeypatch):
+    monkeypatch.setattr(queue, "_engine_key", lambda model: model)
+    monkeypatch.setattr(queue, "FIRST_HOLD", 30.0)
+    runtime = PushedRuntime(n=50, delay=0.001)
+
+    async def main():
+        sched = queue.Scheduler(runtime, max_queue=0)
+        job = await sched.start("m", ask(stream=True), hold_first=True)
+        await job.get()
+        job.cancel()  # the client left before its first chunk was written
+        return [item async for item in job], job
+
+    rest, job = asyncio.run(asyncio.wait_for(main(), 10))
+    assert len(rest) <= 1 and job.stats.state == "cancelled"
+
+
+def test_pulled_streams_hold_too(fake, monkeypatch):
+    """A request that runs alone (pulled in its own thread) waits the same way."""
+    monkeypatch.setattr(queue, "FIRST_HOLD", 30.0)
+
+    async def written_later(job):
+        await asyncio.sleep(0.2)
+        job.sent_first()
+
+    first, emitted, second, _ = _first_then_second(fake, True, written_later)
+    assert (first, emitted, second) == (Chunk("0"), 1, Chunk("1"))
 
 
 def test_mailbox_wakes_the_loop_once_for_what_arrives_together():
@@ -541,3 +634,31 @@ def test_responses_errors_name_the_responses_fields():
     assert info.value.message.startswith("max_output_tokens: Input should be greater than or equal to 1")
     with pytest.raises(Unsupported, match="text.verbosity: 'low' cannot be honoured"):
         responses_inputs(ResponsesRequest(model=TWO_B, input="hi", text={"verbosity": "low"}))
+
+
+def test_only_requests_sure_to_prepare_quickly_are_prepared_by_the_event_loop(tmp_path):
+    from localgemma.contract import parse_inputs
+    from localgemma.runtime import QUICK_CHARS, Runtime
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    runtime = Runtime(exact=False)
+    short = {"prompt": "Verse 1: la la la", "stream": True}
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    quick = lambda fields, name=str(model): runtime.quick(name, parse_inputs(fields))  # noqa: E731
+    assert not quick(short)  # not loaded yet: a load is seconds of blocking work
+    runtime._engines[model.resolve()] = object()
+    assert quick(short) and quick(chat) and quick({"prompt": "x" * QUICK_CHARS})
+    assert not quick({"prompt": "x" * (QUICK_CHARS + 1)})  # long text: tokenizing it takes a while
+    assert not quick({"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * (QUICK_CHARS + 1)}]}]})
+    assert not quick({"messages": [{"role": "user", "content": ""}] * 100})  # each turn adds the template's text
+    assert not quick({**short, "lora": "style"})  # the finetune registry is on disk
+    assert not quick({**short, "response_format": {"type": "json_object"}})  # a grammar to build
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert not quick({**chat, "tools": [tool]})
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                                  "function": {"name": "f", "arguments": "{}"}}]}
+    assert not quick({"messages": [{"role": "user", "content": "hi"}, call,
+                                   {"role": "tool", "tool_call_id": "c", "content": "ok"}]})
+    assert not quick(short, str(tmp_path / "missing.gguf")) and not quick(short, "@cf/google/gemma-7b-it-lora")
+    assert not runtime.quick(str(model), {"prompt": "a dict, not yet validated"})

@@ -629,6 +629,8 @@ class NDJSONResponse(StreamingResponse):
         async def timed(message) -> None:
             with anyio.fail_after(SEND_TIMEOUT):
                 await send(message)
+            if message["type"] == "http.response.body":
+                self.job.sent_first()  # its first line is written (see Job)
 
         try:
             await super().stream_response(timed)
@@ -687,7 +689,8 @@ async def _answer(request: Request, reply: Reply, target: Target, inputs: Inputs
     with ollama_words():
         timer.load_ns, n_ctx = await anyio.to_thread.run_sync(_load, request.app.state.runtime, target.model_id)
         inputs = options.settle(inputs, n_ctx)
-        job, first = await begin(request, request.app.state.scheduler, target.model_id, inputs, logprobs=logprobs)
+        job, first = await begin(request, request.app.state.scheduler, target.model_id, inputs, hold_first=stream,
+                                 logprobs=logprobs)
         timer.started = job.stats.started_at or time.monotonic()
         if stream:
             return NDJSONResponse(_lines(reply, first, job, timer), job)

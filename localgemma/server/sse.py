@@ -76,8 +76,11 @@ class EventStream(Response):
            (b"connection", b"keep-alive"), (b"x-accel-buffering", b"no")]
 
     def __init__(self, events: AsyncIterator[dict[str, str]], ping: float = PING_SECONDS,
-                 send_timeout: float = SEND_TIMEOUT, tick: float = 1.0):
+                 send_timeout: float = SEND_TIMEOUT, tick: float = 1.0,
+                 on_first: Optional[Callable[[], None]] = None):
+        """`on_first`: called once the first event is written (Job.sent_first)."""
         self.events, self.ping, self.send_timeout, self.tick = events, ping, send_timeout, tick
+        self.on_first = on_first
         self.status_code, self.background, self.raw_headers = 200, None, list(self.raw)
         self.sending_since: Optional[float] = None  # loop time a send started; None between sends
         self.last_sent = 0.0
@@ -106,6 +109,9 @@ class EventStream(Response):
             async for item in self.events:
                 self.sending_since = loop.time()
                 await send({"type": "http.response.body", "body": frame(item), "more_body": True})
+                if self.on_first is not None:
+                    self.on_first()
+                    self.on_first = None
                 self.last_sent, self.sending_since = loop.time(), None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -154,18 +160,22 @@ def event_response(events: AsyncIterator[dict[str, str]], job: Job,
             job.cancel()
 
     # Events are exactly `data: ...\n\n`, as Workers AI and OpenAI send them.
-    return EventStream(guarded())
+    return EventStream(guarded(), on_first=job.sent_first)
 
 
 async def begin(request: Request, scheduler: Scheduler, model: Optional[str], inputs: Any,
-                **options: Any) -> tuple[Job, Any]:
+                hold_first: Optional[bool] = None, **options: Any) -> tuple[Job, Any]:
     """Queue the request, start it, and return (job, its first item). A failure before the
-    first item is raised here; a client that leaves meanwhile cancels the job (Aborted)."""
+    first item is raised here; a client that leaves meanwhile cancels the job (Aborted).
+    `hold_first` (default: whether the inputs stream): the response will call
+    `job.sent_first()` once its first chunk is written, as event_response's does (see Job)."""
     job: Optional[Job] = None
+    if hold_first is None:
+        hold_first = bool(getattr(inputs, "stream", False))
 
     async def first() -> Any:
         nonlocal job
-        job = await scheduler.start(model, inputs, **options)
+        job = await scheduler.start(model, inputs, hold_first=hold_first, **options)
         return await job.get()
 
     try:
