@@ -12,7 +12,8 @@ thread of its own, chunk by chunk. Either way the items reach the loop through t
 once.
 
 No generating thread waits on the loop, but once per stream: after a stream's first chunk it
-waits (at most FIRST_HOLD) until the consumer says the chunk is written (`Job.sent_first`).
+waits (at most FIRST_HOLD; the batch thread only when nothing else is in the batch) until the
+consumer says the chunk is written (`Job.sent_first`).
 Usually it is written already (the loop took the GIL at the post). When the loop was not
 scheduled first, llama.cpp's threads took every core for the next step and the first chunk
 waited for the scheduler to give the loop one back: 1 to 3 ms more time to first token, in
