@@ -532,12 +532,12 @@ def test_events_are_framed_as_sse():
     assert frame({"event": "done", "data": "a\nb\r\nc"}) == b"event: done\ndata: a\ndata: b\ndata: c\n\n"
 
 
-def _run_stream(events, receive_after=None, send_delay=0.0, **options):
+def _run_stream(events, receive_after=None, send_delay=0.0, sent=None, **options):
     """Drive an EventStream as uvicorn would: returns (messages sent, whether the events'
     generator was closed). `receive_after`: seconds until the client disconnects."""
     from localgemma.server.sse import EventStream
 
-    sent, closed = [], []
+    sent, closed = [] if sent is None else sent, []
 
     async def gen():
         try:
@@ -573,6 +573,61 @@ def test_an_event_stream_sends_each_event_then_ends_the_body():
     assert sent[0]["status"] == 200 and (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
     assert [m["body"] for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b""]
     assert sent[-1]["more_body"] is False and closed
+
+
+def test_an_event_stream_says_when_its_first_event_is_written():
+    """What lets a held batch go on (Job.sent_first): called once, after the first event's send."""
+    order = []
+
+    async def events():
+        for i in range(3):
+            order.append(f"event {i}")
+            yield {"data": str(i)}
+
+    sent_so_far: list = []
+    sent, _ = _run_stream(events, on_first=lambda: order.append(f"first written ({len(sent_so_far)} sent)"),
+                          sent=sent_so_far)
+    assert order == ["event 0", "first written (2 sent)", "event 1", "event 2"]
+
+
+def test_event_response_and_ollamas_stream_release_the_hold():
+    from localgemma.server.ollama import NDJSONResponse
+    from localgemma.server.sse import event_response
+
+    class FakeJob:
+        released = 0
+
+        def sent_first(self):
+            self.released += 1
+
+        def cancel(self):
+            pass
+
+    async def events():
+        yield {"data": "x"}
+
+    job = FakeJob()
+    assert event_response(events(), job, lambda error: {"data": "e"}).on_first == job.sent_first
+
+    async def lines():
+        yield b'{"response":"x"}\n'
+
+    async def main():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        ollama_job = FakeJob()
+        await asyncio.wait_for(NDJSONResponse(lines(), ollama_job)({"type": "http", "method": "POST",
+                                                                   "asgi": {"spec_version": "2.4"}}, receive, send), 5)
+        return ollama_job.released, sent
+
+    released, sent = asyncio.run(main())
+    assert released >= 1 and any(m.get("body") == b'{"response":"x"}\n' for m in sent)
 
 
 def test_a_quiet_stream_pings_and_a_stalled_client_is_dropped():
