@@ -7,10 +7,10 @@
     compute   per context: the logits of its sequences (n_vocab x 4 bytes each), the
               activations of one n_ubatch-token step, ping-ponged: n_ubatch x 4 x (2 n_ff +
               4 n_embd) x 2, and its attention masks (f16, n_ubatch x the cells in use; two
-              with sliding-window layers), as large as the context once it is full. llama.cpp
-              *reserves* more (a worst case of n_ubatch x n_vocab
-              floats: 514 MiB for Gemma 3's 262k vocabulary), but never touches most of it
-              for generation, where only the last token's logits are computed.
+              with sliding-window layers), as large as the context once it is full.
+              llama.cpp *reserves* more (a worst case of n_ubatch x n_vocab floats: 514 MiB
+              for Gemma 3's 262k vocabulary), but never touches most of it for generation,
+              where only the last token's logits are computed.
     runtime   Python, llama.cpp and the server: 120 MiB.
 
 Calibrated on the embedded Gemma 3 270M (peak resident memory, `localgemma run` of a prompt

@@ -611,6 +611,7 @@ def test_event_response_and_ollamas_stream_release_the_hold():
 
     async def lines():
         yield b'{"response":"x"}\n'
+        yield b'{"response":"y"}\n'
 
     async def main():
         sent = []
@@ -627,7 +628,7 @@ def test_event_response_and_ollamas_stream_release_the_hold():
         return ollama_job.released, sent
 
     released, sent = asyncio.run(main())
-    assert released >= 1 and any(m.get("body") == b'{"response":"x"}\n' for m in sent)
+    assert released == 1 and any(m.get("body") == b'{"response":"x"}\n' for m in sent)  # once, not per line
 
 
 def test_a_quiet_stream_pings_and_a_stalled_client_is_dropped():

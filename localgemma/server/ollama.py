@@ -626,10 +626,14 @@ class NDJSONResponse(StreamingResponse):
         self.job = job
 
     async def stream_response(self, send: Send) -> None:
+        first = True
+
         async def timed(message) -> None:
+            nonlocal first
             with anyio.fail_after(SEND_TIMEOUT):
                 await send(message)
-            if message["type"] == "http.response.body":
+            if first and message["type"] == "http.response.body":
+                first = False
                 self.job.sent_first()  # its first line is written (see Job)
 
         try:
